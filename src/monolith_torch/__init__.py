@@ -1,0 +1,58 @@
+"""monolith-torch: Monolith's training machinery for recommendation models, on PyTorch.
+
+Public names keep Monolith's spelling (``apply_gradients_with_var_optimizer``,
+``GradClipType``, ``NativeContext``, ``FeatureSlot``, ``gen_seq_mask``...); see
+docs/MAPPING.md for where each Monolith symbol lives here.
+"""
+
+from monolith_torch import clip_ops, distribution_ops, embedding_combiners, entry
+from monolith_torch.allreduce import AllreduceConfig, allreduce_cond
+from monolith_torch.async_function_mgr import AsyncFunctionMgr
+from monolith_torch.embedding_combiners import FirstN, ReduceMean, ReduceSum
+from monolith_torch.feature import (
+    EmbeddingLayoutFactory,
+    FeatureColumn,
+    FeatureColumnV1,
+    FeatureFactory,
+    FeatureFactoryFromEmbeddings,
+    FeatureSlice,
+    FeatureSlot,
+    FeatureSlotConfig,
+    create_embedding_slices,
+)
+from monolith_torch.feature_utils import apply_gradients, apply_gradients_with_var_optimizer
+from monolith_torch.native_context import NativeContext
+from monolith_torch.ragged import RaggedTensor
+from monolith_torch.seq_mask import gen_seq_mask
+from monolith_torch.step_types import GradClipType, StepResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AllreduceConfig",
+    "AsyncFunctionMgr",
+    "EmbeddingLayoutFactory",
+    "FeatureColumn",
+    "FeatureColumnV1",
+    "FeatureFactory",
+    "FeatureFactoryFromEmbeddings",
+    "FeatureSlice",
+    "FeatureSlot",
+    "FeatureSlotConfig",
+    "FirstN",
+    "GradClipType",
+    "NativeContext",
+    "RaggedTensor",
+    "ReduceMean",
+    "ReduceSum",
+    "StepResult",
+    "allreduce_cond",
+    "apply_gradients",
+    "apply_gradients_with_var_optimizer",
+    "clip_ops",
+    "create_embedding_slices",
+    "distribution_ops",
+    "embedding_combiners",
+    "entry",
+    "gen_seq_mask",
+]

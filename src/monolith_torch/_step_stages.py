@@ -1,0 +1,332 @@
+"""The stages of one training step, each small and testable alone.
+
+``feature_utils`` validates the arguments and calls ``run_step``, which chains:
+``compute_gradients`` -> ``filter_unused`` -> ``ue_check_`` -> reduce mean ->
+``compute_clip`` -> summaries -> ``allreduce`` -> weight decay -> ``apply``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from monolith_torch import clip_ops, summaries
+from monolith_torch.allreduce import allreduce_cond
+from monolith_torch.ragged import RaggedTensor
+from monolith_torch.step_types import GradClipType, StepResult
+
+logger = logging.getLogger("monolith_torch.feature_utils")
+
+
+@dataclass
+class Variables:
+    """Tensors that receive gradients, with the names summaries and the UE check use."""
+
+    names: list[str] = field(default_factory=list)
+    tensors: list[torch.Tensor] = field(default_factory=list)
+    columns: list = field(default_factory=list)  # feature columns, parallel to tensors (sparse only)
+
+    def select(self, keep: list[bool]) -> Variables:
+        pick = [i for i, k in enumerate(keep) if k]
+        return Variables(
+            [self.names[i] for i in pick],
+            [self.tensors[i] for i in pick],
+            [self.columns[i] for i in pick] if self.columns else [],
+        )
+
+
+@dataclass
+class Clip:
+    """The outcome of the clip stage: factors still to apply, and the norms computed."""
+
+    dense_scale: torch.Tensor | float = 1.0
+    sparse_scale: torch.Tensor | float = 1.0
+    global_norm: torch.Tensor | None = None
+    dense_norm: torch.Tensor | None = None
+    sparse_norm: torch.Tensor | None = None
+
+
+# ---------------------------------------------------------------- collection
+
+
+def _optimizer_param_names(var_opt: torch.optim.Optimizer) -> dict[int, str]:
+    names = {}
+    for group in var_opt.param_groups:
+        for p, name in zip(group["params"], group.get("param_names", ()), strict=False):
+            names[id(p)] = name
+    return names
+
+
+def _check_own_optimizer(name: str, p: torch.Tensor) -> None:
+    opt = getattr(p, "optimizer", None)
+    if opt is None:
+        return
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(f"parameter {name!r} has an optimizer attribute that is not a torch.optim.Optimizer: {opt!r}")
+    if not any(q is p for group in opt.param_groups for q in group["params"]):
+        raise ValueError(f"parameter {name!r}.optimizer does not hold that parameter")
+
+
+def collect_dense_variables(var_opt: torch.optim.Optimizer, model: torch.nn.Module | None) -> Variables:
+    """Dense variables: ``var_opt``'s parameters plus ``model``'s, named where a name is known."""
+    if not isinstance(var_opt, torch.optim.Optimizer):
+        raise TypeError(f"var_opt must be a torch.optim.Optimizer, got {type(var_opt).__name__}")
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+    names = _optimizer_param_names(var_opt)
+    ordered: dict[int, torch.Tensor] = {}
+    for group in var_opt.param_groups:
+        for p in group["params"]:
+            ordered.setdefault(id(p), p)
+    if model is not None:
+        for name, p in model.named_parameters():
+            names.setdefault(id(p), name)
+            ordered.setdefault(id(p), p)
+    held = {id(p) for group in var_opt.param_groups for p in group["params"]}
+    out = Variables()
+    for i, (key, p) in enumerate(ordered.items()):
+        if not p.requires_grad:
+            continue
+        name = names.get(key, f"param_{i}")
+        _check_own_optimizer(name, p)
+        if key not in held and getattr(p, "optimizer", None) is None:
+            # A torch optimizer only steps what it holds; silently skipping the
+            # parameter (or adding it to var_opt behind the user's back) would be worse.
+            raise ValueError(f"model parameter {name!r} is neither held by var_opt nor has its own .optimizer")
+        out.names.append(name)
+        out.tensors.append(p)
+    return out
+
+
+def collect_embedding_variables(ctx, feature_columns: Iterable, fused_layout: bool) -> Variables:
+    """Embedding variables: each column's per-id leaf, or the flattened fused layout."""
+    if fused_layout:
+        if ctx.layout_factory is None:
+            raise RuntimeError("is_fused_layout=True needs a NativeContext with a layout_factory")
+        tensors = list(ctx.layout_factory.flattened_layout())
+        return Variables([f"layout_{i}" for i in range(len(tensors))], tensors, [])
+    columns = list(feature_columns)
+    tensors = [fc.get_all_embeddings_concat() for fc in columns]
+    for fc, t in zip(columns, tensors, strict=True):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"column {fc.feature_name!r} has no looked-up embeddings (got {type(t).__name__})")
+    return Variables([fc.feature_name for fc in columns], tensors, columns)
+
+
+# ---------------------------------------------------------------- gradients
+
+
+def compute_gradients(loss: torch.Tensor, targets: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Gradients of ``loss`` w.r.t. ``targets`` (None where unused).
+
+    Uses ``backward(inputs=...)`` rather than ``autograd.grad`` so each gradient
+    is a tensor of its own (autograd may hand several inputs views of one
+    buffer), which the later stages then scale in place.
+    """
+    wanted = [t for t in targets if t.requires_grad]
+    for t in wanted:
+        t.grad = None
+    if wanted:
+        loss.backward(inputs=wanted)
+    grads = [t.grad if t.requires_grad else None for t in targets]
+    for t in wanted:
+        t.grad = None
+    return grads
+
+
+def filter_unused(dense: Variables, sparse: Variables, grads, zero_fill_sparse: bool):
+    """Drops variables without gradients (Monolith's unused filter); fused layouts get zeros instead."""
+    n = len(dense.tensors)
+    dense_grads, sparse_grads = grads[:n], list(grads[n:])
+    if zero_fill_sparse:
+        sparse_grads = [torch.zeros_like(t) if g is None else g for g, t in zip(sparse_grads, sparse.tensors, strict=True)]
+    dense = dense.select([g is not None for g in dense_grads])
+    sparse = sparse.select([g is not None for g in sparse_grads])
+    return dense, [g for g in dense_grads if g is not None], sparse, [g for g in sparse_grads if g is not None]
+
+
+def _ue_feature_for(name: str, ue_fc_names) -> str | None:
+    for fc_name in ue_fc_names:
+        if fc_name in name or "uue" in name:
+            return fc_name
+    return None
+
+
+def _feature_norm(value) -> torch.Tensor:
+    if isinstance(value, RaggedTensor):
+        value = value.values
+    elif isinstance(value, torch.Tensor) and value.is_nested:
+        value = value.values()
+    return torch.linalg.vector_norm(value.float())
+
+
+def ue_check(names: list[str], grads: list[torch.Tensor], config, features) -> list[torch.Tensor]:
+    """Zeroes gradients of UE variables whose feature norm is not above the threshold (no host sync)."""
+    out = []
+    for name, g in zip(names, grads, strict=True):
+        fc_name = _ue_feature_for(name, config.ue_fc_names)
+        if fc_name is None:
+            out.append(g)
+            continue
+        keep = _feature_norm(features[fc_name]).to(g.device) > config.ue_euclidean_norm_threshold
+        logger.debug("UE variable %s gated by feature %s", name, fc_name)
+        out.append(torch.where(keep, g, torch.zeros_like(g)))
+    return out
+
+
+# ---------------------------------------------------------------- clipping
+
+
+def _warmup_factor(global_step: torch.Tensor, warmup_steps: int) -> torch.Tensor:
+    return (global_step.double() / warmup_steps).clamp_max(1.0)
+
+
+def compute_clip(dense_grads, sparse_grads, config, global_step) -> Clip:
+    """Norms and clip factors; ``ClipByValue``/``ClipByNorm`` are applied in place here."""
+    clip_type, clip_norm = config.clip_type, config.clip_norm
+    if clip_norm is None:
+        return Clip()
+    if clip_type == GradClipType.ClipByGlobalNorm:
+        norm = clip_ops.global_norm(dense_grads + sparse_grads)
+        sparse_bound = config.sparse_clip_norm or clip_norm
+        if config.sparse_norm_warmup_steps:
+            sparse_bound = _warmup_factor(global_step, config.sparse_norm_warmup_steps).to(norm) * sparse_bound
+        return Clip(clip_ops.clip_factor(norm, clip_norm), clip_ops.clip_factor(norm, sparse_bound), global_norm=norm)
+    if clip_type == GradClipType.ClipByDenseAndSparse:
+        dense_norm = clip_ops.global_norm(dense_grads)
+        clip = Clip(clip_ops.clip_factor(dense_norm, clip_norm), dense_norm=dense_norm)
+        if config.sparse_clip_norm is not None:
+            clip.sparse_norm = clip_ops.global_norm(sparse_grads)
+            clip.sparse_scale = clip_ops.clip_factor(clip.sparse_norm, config.sparse_clip_norm)
+        return clip
+    grads = dense_grads + sparse_grads
+    if grads and clip_type == GradClipType.ClipByValue:
+        torch._foreach_clamp_min_(grads, -clip_norm)
+        torch._foreach_clamp_max_(grads, clip_norm)
+    elif grads and clip_type == GradClipType.ClipByNorm:
+        norms = torch._foreach_norm(grads)
+        factors = [torch.where(n > clip_norm, clip_norm / n, torch.ones_like(n)) for n in norms]
+        torch._foreach_mul_(grads, factors)
+    return Clip()
+
+
+# ---------------------------------------------------------------- the step
+
+
+def _write_summaries(ctx, config, clip: Clip, global_step, dense, dense_grads, sparse, sparse_grads) -> None:
+    writer = ctx.summary_writer
+    if writer is None:
+        return
+    step = int(global_step) if global_step is not None else 0
+    summaries.write_norm_summaries(
+        writer,
+        step,
+        {
+            "global_gradient_norm": clip.global_norm,
+            "global_gradient_norm/dense": clip.dense_norm,
+            "global_gradient_norm/sparse": clip.sparse_norm,
+        },
+    )
+    if config.summarize:
+        summaries.write_gradient_summaries(
+            writer, step, dense.names, dense.tensors, dense_grads, sparse.names, sparse_grads
+        )
+
+
+def _all_finite(grads, scales, allreduce_config) -> bool:
+    checks = [s for s in scales if isinstance(s, torch.Tensor)]
+    checks += list(torch._foreach_norm(grads)) if grads else []
+    if not checks:
+        return True
+    bad = torch.stack([~torch.isfinite(c.float().cpu()) for c in checks]).any().to(torch.int32)
+    if allreduce_config is not None:
+        # Every rank must take the same decision, or replicas drift apart.
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=allreduce_config.group)
+    return not bool(bad.item())
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, params, grads) -> None:
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    try:
+        optimizer.step()
+    finally:
+        for p in params:
+            p.grad = None
+
+
+def _group_by_optimizer(var_opt, params, grads):
+    groups: dict[int, tuple] = {}
+    for p, g in zip(params, grads, strict=True):
+        opt = getattr(p, "optimizer", None) or var_opt
+        entry = groups.setdefault(id(opt), (opt, [], []))
+        entry[1].append(p)
+        entry[2].append(g)
+    return list(groups.values())
+
+
+def apply(ctx, var_opt, dense: Variables, dense_grads, sparse: Variables, sparse_grads, sparse_scale,
+          global_step, sync: bool) -> None:
+    """Embeddings now; dense updates and the global-step increment through the async manager."""
+    is_async = False if sync else None
+    if sparse_grads:
+        ctx.apply_embedding_gradients(list(zip(sparse_grads, sparse.tensors, strict=True)), sparse_scale)
+    for opt, params, grads in _group_by_optimizer(var_opt, dense.tensors, dense_grads):
+        ctx.add_async_function(_optimizer_step, (opt, params, grads), is_async=is_async, snapshot=False)
+    if global_step is not None:
+        ctx.add_async_function(global_step.add_, (1,), is_async=is_async)
+
+
+def run_step(ctx, var_opt, loss, dense: Variables, sparse: Variables, config, global_step, features,
+             sync: bool = False):
+    """Runs the whole pipeline for one step and returns a ``StepResult``."""
+    grads = compute_gradients(loss, dense.tensors + sparse.tensors)
+    dense, dense_grads, sparse, sparse_grads = filter_unused(dense, sparse, grads, config.is_fused_layout)
+    if not dense_grads and not sparse_grads:
+        return StepResult(applied=False, reason="no_gradients")
+    if not sync:
+        # The previous step's deferred updates run now, after this step's
+        # gradients were computed on the parameters they saw.
+        ctx.async_function_mgr.run_pending()
+    if config.ue_gradient_check:
+        dense_grads = ue_check(dense.names, dense_grads, config, features)
+        sparse_grads = ue_check(sparse.names, sparse_grads, config, features)
+    if config.dense_reduce_mean and dense_grads:
+        torch._foreach_div_(dense_grads, float(config.batch_size))
+
+    clip = compute_clip(dense_grads, sparse_grads, config, global_step)
+    defer = config.allreduce is not None and isinstance(clip.dense_scale, torch.Tensor) and not config.summarize
+    dense_scale, sparse_scale = clip.dense_scale, clip.sparse_scale
+    if not defer:
+        clip_ops.foreach_scale_(dense_grads, dense_scale)
+        clip_ops.foreach_scale_(sparse_grads, sparse_scale)
+        dense_scale = sparse_scale = 1.0
+    _write_summaries(ctx, config, clip, global_step, dense, dense_grads, sparse, sparse_grads)
+
+    if config.allreduce is not None and dense_grads:
+        dense_grads = allreduce_cond(dense_grads, scale=dense_scale, config=config.allreduce)
+    if config.dense_weight_decay and dense_grads:
+        torch._foreach_add_(dense_grads, [p.detach() for p in dense.tensors], alpha=config.dense_weight_decay)
+
+    if config.skip_nonfinite and not _all_finite(dense_grads + sparse_grads, [sparse_scale], config.allreduce):
+        logger.warning("non-finite gradients: step skipped")
+        return StepResult(applied=False, reason="nonfinite", global_norm=clip.global_norm,
+                          dense_norm=clip.dense_norm, sparse_norm=clip.sparse_norm)
+
+    apply(ctx, var_opt, dense, dense_grads, sparse, sparse_grads, sparse_scale, global_step, sync)
+    return StepResult(
+        applied=True,
+        global_norm=clip.global_norm,
+        dense_norm=clip.dense_norm,
+        sparse_norm=clip.sparse_norm,
+        dense_scale=clip.dense_scale,
+        sparse_scale=clip.sparse_scale,
+        num_dense=len(dense_grads),
+        num_sparse=len(sparse_grads),
+        allreduced=config.allreduce is not None and bool(dense_grads),
+        deferred_clip=defer,
+    )

@@ -1,0 +1,147 @@
+"""Gradient clipping with TensorFlow's semantics, on ``torch._foreach_*`` kernels.
+
+Re-creates Monolith's ``clip_ops`` (``global_norm``, ``clip_by_global_norm``)
+and TF's ``clip_by_norm``/``clip_by_value``. Norms come back as 0-d tensors and
+no function here forces a host sync: clip factors are computed with tensor ops
+(``torch.where`` rather than ``if norm > clip_norm``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "global_norm",
+    "clip_by_global_norm",
+    "clip_by_global_norm_",
+    "clip_by_norm",
+    "clip_by_value",
+    "clip_factor",
+    "group_by_device_and_dtype",
+    "foreach_scale_",
+]
+
+
+def group_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
+    """Indices of ``tensors`` grouped by (device, dtype), for one foreach call per group."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        groups[(t.device, t.dtype)].append(i)
+    return groups
+
+
+def _present(tensors) -> list[torch.Tensor]:
+    return [t for t in tensors if t is not None]
+
+
+def global_norm(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """sqrt(sum of squares of all elements); ``None`` entries are ignored.
+
+    Returns:
+        A 0-d float32 tensor (float64 if any input is float64) on the device of
+        the first tensor; 0 for an empty list. No host sync.
+    """
+    present = _present(tensors)
+    if not present:
+        return torch.zeros((), dtype=torch.float32)
+    out_dtype = torch.float64 if any(t.dtype == torch.float64 for t in present) else torch.float32
+    device = present[0].device
+    per_group = []
+    for (dev, _), idx in group_by_device_and_dtype(present).items():
+        norms = torch._foreach_norm([present[i] for i in idx], 2)
+        per_group.append(torch.linalg.vector_norm(torch.stack(norms).to(out_dtype)).to(device))
+    return torch.linalg.vector_norm(torch.stack(per_group))
+
+
+def clip_factor(norm: torch.Tensor, clip_norm) -> torch.Tensor:
+    """The factor that scales a norm down to ``clip_norm``: min(clip_norm / norm, 1).
+
+    TF semantics: a non-finite norm gives NaN. A bound of 0 gives 0 (a zero
+    norm against a zero bound gives 1, harmless since those gradients are 0).
+    ``clip_norm`` may be a float or a 0-d tensor.
+    """
+    bound = torch.as_tensor(clip_norm, dtype=norm.dtype, device=norm.device)
+    factor = torch.where(norm > bound, bound / norm, torch.ones_like(norm))
+    return torch.where(torch.isfinite(norm), factor, torch.full_like(norm, math.nan))
+
+
+def foreach_scale_(tensors: Sequence[torch.Tensor], factor: torch.Tensor | float) -> None:
+    """Multiplies every tensor in place by ``factor`` (a float or 0-d tensor), per device/dtype group."""
+    if not tensors:
+        return
+    if not isinstance(factor, torch.Tensor):
+        torch._foreach_mul_(list(tensors), factor)
+        return
+    for (device, dtype), idx in group_by_device_and_dtype(tensors).items():
+        torch._foreach_mul_([tensors[i] for i in idx], factor.to(device=device, dtype=dtype))
+
+
+def _check_clip_norm(clip_norm) -> None:
+    if isinstance(clip_norm, torch.Tensor):
+        return
+    if not isinstance(clip_norm, int | float) or math.isnan(clip_norm) or clip_norm < 0:
+        raise ValueError(f"Invalid clip_norm: {clip_norm!r} (expected a number >= 0)")
+
+
+def clip_by_global_norm(t_list, clip_norm, use_norm=None):
+    """Scales ``t_list`` so that its global norm is at most ``clip_norm`` (out of place).
+
+    Args:
+        t_list: tensors; ``None`` entries pass through.
+        clip_norm: the bound (>= 0), a float or 0-d tensor.
+        use_norm: a precomputed global norm; computed when None.
+
+    Returns:
+        (clipped list, global norm). An infinite or NaN norm makes every
+        clipped tensor NaN, as in TF and Monolith.
+    """
+    _check_clip_norm(clip_norm)
+    t_list = list(t_list)
+    norm = global_norm(t_list) if use_norm is None else use_norm
+    present = _present(t_list)
+    if not present:
+        return t_list, norm
+    factor = clip_factor(norm, clip_norm)
+    clipped = iter(_scaled(present, factor))
+    return [None if t is None else next(clipped) for t in t_list], norm
+
+
+def _scaled(tensors: list[torch.Tensor], factor: torch.Tensor) -> list[torch.Tensor]:
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for (device, dtype), idx in group_by_device_and_dtype(tensors).items():
+        scaled = torch._foreach_mul([tensors[i] for i in idx], factor.to(device=device, dtype=dtype))
+        for i, s in zip(idx, scaled, strict=True):
+            out[i] = s
+    return out
+
+
+def clip_by_global_norm_(t_list, clip_norm, use_norm=None) -> torch.Tensor:
+    """In-place ``clip_by_global_norm``; returns the global norm."""
+    _check_clip_norm(clip_norm)
+    present = _present(t_list)
+    norm = global_norm(present) if use_norm is None else use_norm
+    if present:
+        foreach_scale_(present, clip_factor(norm, clip_norm))
+    return norm
+
+
+def clip_by_norm(t: torch.Tensor, clip_norm) -> torch.Tensor:
+    """Scales ``t`` so that its L2 norm is at most ``clip_norm`` (out of place)."""
+    _check_clip_norm(clip_norm)
+    norm = torch.linalg.vector_norm(t.float() if not t.is_floating_point() else t)
+    factor = torch.where(norm > clip_norm, clip_norm / norm, torch.ones_like(norm))
+    return t * factor.to(t.dtype)
+
+
+def clip_by_value(t: torch.Tensor, clip_value_min, clip_value_max) -> torch.Tensor:
+    """Clamps every element of ``t`` to ``[clip_value_min, clip_value_max]`` (out of place)."""
+    if not isinstance(clip_value_min, torch.Tensor) and not isinstance(clip_value_max, torch.Tensor):
+        if clip_value_min > clip_value_max:
+            raise ValueError(
+                f"clip_value_min={clip_value_min!r} must not exceed clip_value_max={clip_value_max!r}"
+            )
+    return torch.clamp(t, clip_value_min, clip_value_max)

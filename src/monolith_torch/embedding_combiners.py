@@ -1,0 +1,95 @@
+"""Combiners: turn per-id embeddings of a ragged feature into per-example tensors.
+
+Re-creates Monolith's ``embedding_combiners`` (``ReduceSum``, ``ReduceMean``,
+``FirstN``). Each combiner is one segment op over ``value_rowids``; none loops
+over rows in Python.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+
+from monolith_torch.ragged import as_ragged
+
+__all__ = ["Combiner", "ReduceSum", "ReduceMean", "FirstN"]
+
+
+def _check_embeddings(ids, embeddings: torch.Tensor) -> None:
+    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
+        shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
+        raise ValueError(f"embeddings must be a 2-D [N, D] tensor, got {shape}")
+    if embeddings.shape[0] != ids.values.shape[0]:
+        raise ValueError(
+            f"embeddings has {embeddings.shape[0]} rows but the ids hold {ids.values.shape[0]} values"
+        )
+
+
+def _segment_sum(ids, embeddings: torch.Tensor) -> torch.Tensor:
+    out = embeddings.new_zeros((ids.nrows(), embeddings.shape[1]))
+    return out.index_add(0, ids.value_rowids(), embeddings)
+
+
+class Combiner(abc.ABC):
+    """Base class: ``combine(ragged_ids, embeddings)`` with embeddings [N, D]."""
+
+    @abc.abstractmethod
+    def combine(self, ids, embeddings: torch.Tensor) -> torch.Tensor:
+        """Combines [N, D] per-id embeddings into per-example outputs."""
+
+    @property
+    def max_seq_length(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class ReduceSum(Combiner):
+    """Sum of a row's embeddings: [N, D] -> [B, D]; empty rows give zeros."""
+
+    def combine(self, ids, embeddings: torch.Tensor) -> torch.Tensor:
+        ids = as_ragged(ids)
+        _check_embeddings(ids, embeddings)
+        return _segment_sum(ids, embeddings)
+
+
+class ReduceMean(Combiner):
+    """Mean of a row's embeddings: [N, D] -> [B, D]; empty rows give zeros."""
+
+    def combine(self, ids, embeddings: torch.Tensor) -> torch.Tensor:
+        ids = as_ragged(ids)
+        _check_embeddings(ids, embeddings)
+        lengths = ids.row_lengths().clamp_min(1).to(embeddings.dtype)
+        return _segment_sum(ids, embeddings) / lengths[:, None]
+
+
+class FirstN(Combiner):
+    """The first ``max_seq_length`` embeddings of each row: [N, D] -> [B, L, D], zero padded."""
+
+    def __init__(self, max_seq_length: int):
+        if not isinstance(max_seq_length, int) or max_seq_length < 1:
+            raise ValueError(f"Invalid max_seq_length: {max_seq_length!r} (expected an int >= 1)")
+        self._max_seq_length = max_seq_length
+
+    @property
+    def max_seq_length(self) -> int:
+        return self._max_seq_length
+
+    def combine(self, ids, embeddings: torch.Tensor) -> torch.Tensor:
+        ids = as_ragged(ids)
+        _check_embeddings(ids, embeddings)
+        rowids = ids.value_rowids()
+        n = embeddings.shape[0]
+        positions = torch.arange(n, device=embeddings.device) - ids.row_splits.long()[rowids]
+        # Ids past max_seq_length are routed to a spare slot that is cut off
+        # afterwards, so no boolean indexing (and no host sync) is needed.
+        limit = self._max_seq_length
+        positions = positions.clamp_max(limit)
+        out = embeddings.new_zeros((ids.nrows(), limit + 1, embeddings.shape[1]))
+        out = out.index_put((rowids, positions), embeddings, accumulate=True)
+        return out[:, :limit]
+
+    def __repr__(self) -> str:
+        return f"FirstN(max_seq_length={self._max_seq_length})"
