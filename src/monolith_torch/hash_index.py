@@ -1,0 +1,278 @@
+"""A vectorized int64 id -> row index: open addressing in plain torch tensors.
+
+The index behind each collisionless embedding table (Monolith keeps a cuckoo
+hash map in C++). Here the map is two flat tensors, ``keys`` [C] int64 and
+``slots`` [C] int32 (the row of each occupied slot, ``-1`` empty, ``-2``
+removed), probed linearly. Every operation works on a whole batch of ids at
+once: one probing *round* tests all still-unresolved ids against their current
+slot with a handful of tensor ops, then moves the unresolved ones one slot on.
+Ids are never Python objects and no Python loop runs over ids; the loop runs
+over rounds, whose count is the longest probe sequence in the batch.
+
+Memory: 12 bytes per slot; the table doubles when live + removed entries
+exceed ``max_load`` (default 0.75) of the slots, so it holds between 16 and 32
+bytes per live row (see docs/perf/hash_table.md for the measured options).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["HashIndex"]
+
+_EMPTY = -1
+_REMOVED = -2
+# Fibonacci hashing: the high bits of key * 2^64/phi spread nearby ids apart.
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIN_CAPACITY = 16
+
+
+def _check_keys(keys: torch.Tensor, name: str = "keys") -> torch.Tensor:
+    if not isinstance(keys, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer ids, got {type(keys).__name__}")
+    if keys.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"{name} must hold integer ids, got dtype {keys.dtype}")
+    if keys.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(keys.shape)}")
+    return keys.long()
+
+
+def _next_pow2(n: int) -> int:
+    return max(_MIN_CAPACITY, 1 << max(0, int(n) - 1).bit_length())
+
+
+class HashIndex:
+    """Maps int64 ids to dense row numbers ``0..num_rows-1``.
+
+    New ids get the next free row numbers; removed ids leave their row number
+    unused until ``rebuild`` renumbers (the embedding table compacts its rows
+    and rebuilds the index when it evicts).
+
+    Args:
+        expected_rows: pre-sizes the table for this many rows.
+        max_load: fraction of slots (live + removed) that triggers doubling.
+        device: where the index tensors live.
+
+    Raises:
+        ValueError: ``expected_rows`` < 0 or ``max_load`` outside (0, 0.9].
+    """
+
+    def __init__(self, expected_rows: int = 0, max_load: float = 0.75, device=None):
+        if not isinstance(expected_rows, int) or expected_rows < 0:
+            raise ValueError(f"Invalid expected_rows: {expected_rows!r} (expected an int >= 0)")
+        if not 0.0 < max_load <= 0.9:
+            raise ValueError(f"Invalid max_load: {max_load!r} (expected 0 < max_load <= 0.9)")
+        self._max_load = float(max_load)
+        self._device = torch.device(device) if device is not None else torch.device("cpu")
+        self._num_live = 0
+        self._num_removed = 0
+        self._num_rows = 0
+        self._alloc(_next_pow2(int(expected_rows / max_load) + 1))
+
+    # -- storage -----------------------------------------------------------
+
+    def _alloc(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._bits = capacity.bit_length() - 1
+        self._keys = torch.zeros(capacity, dtype=torch.int64, device=self._device)
+        self._slots = torch.full((capacity,), _EMPTY, dtype=torch.int32, device=self._device)
+
+    def _home(self, keys: torch.Tensor) -> torch.Tensor:
+        x = keys ^ (keys >> 31)
+        x = x * _GOLDEN
+        # Arithmetic shift, then mask: the top ``bits`` bits as a slot number.
+        return (x >> (64 - self._bits)) & (self._capacity - 1)
+
+    # -- queries -----------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._num_live
+
+    @property
+    def num_rows(self) -> int:
+        """One past the largest row number handed out (removed rows included)."""
+        return self._num_rows
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def nbytes(self) -> int:
+        """Bytes held by the index tensors."""
+        return self._keys.numel() * 8 + self._slots.numel() * 4
+
+    def lookup(self, keys: torch.Tensor) -> torch.Tensor:
+        """Rows of ``keys`` [N]; ``-1`` where absent. Inserts nothing.
+
+        Duplicates are fine. One host sync per probing round.
+
+        Raises:
+            TypeError: keys not an integer tensor.
+            ValueError: keys not 1-D.
+        """
+        keys = _check_keys(keys).to(self._device)
+        out = torch.full(keys.shape, -1, dtype=torch.int64, device=self._device)
+        if keys.numel() == 0 or self._num_live == 0:
+            return out
+        self._probe(keys, out)
+        return out
+
+    def _probe(self, keys: torch.Tensor, out: torch.Tensor) -> None:
+        mask = self._capacity - 1
+        pos = self._home(keys)
+        idx = None  # positions in ``out`` of the ids still probing; None = all
+        while True:
+            slot = self._slots[pos]
+            found = (self._keys[pos] == keys) & (slot >= 0)
+            resolved = found | (slot == _EMPTY)
+            if idx is None:
+                out.copy_(torch.where(found, slot.long(), -1))
+            else:
+                out[idx] = torch.where(found, slot.long(), -1)
+            pending = (~resolved).nonzero().squeeze(1)
+            if pending.numel() == 0:
+                return
+            idx = pending if idx is None else idx[pending]
+            keys = keys[pending]
+            pos = (pos[pending] + 1) & mask
+
+    def items(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys [R], rows [R]) of the live entries, ordered by row."""
+        live = (self._slots >= 0).nonzero().squeeze(1)
+        rows = self._slots[live].long()
+        order = torch.argsort(rows)
+        return self._keys[live][order], rows[order]
+
+    # -- updates -----------------------------------------------------------
+
+    def insert(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of ``keys`` [N], inserting the absent ones.
+
+        New ids get rows ``num_rows, num_rows + 1, ...`` in increasing id order
+        (so the numbering does not depend on where in the batch an id appears).
+
+        Returns:
+            (rows [N] int64, new_keys [M] int64: the ids inserted, in row order).
+
+        Raises:
+            TypeError: keys not an integer tensor.
+            ValueError: keys not 1-D.
+        """
+        keys = _check_keys(keys).to(self._device)
+        rows = self.lookup(keys)
+        missing = rows < 0
+        new_keys = torch.unique(keys[missing])
+        if new_keys.numel() == 0:
+            return rows, new_keys
+        new_rows = torch.arange(
+            self._num_rows, self._num_rows + new_keys.numel(), dtype=torch.int64, device=self._device
+        )
+        self._reserve(new_keys.numel())
+        self._place(new_keys, new_rows)
+        self._num_live += new_keys.numel()
+        self._num_rows += new_keys.numel()
+        miss_idx = missing.nonzero().squeeze(1)
+        rows[miss_idx] = new_rows[torch.searchsorted(new_keys, keys[miss_idx])]
+        return rows, new_keys
+
+    def _reserve(self, extra: int) -> None:
+        need = self._num_live + self._num_removed + extra
+        if need <= self._max_load * self._capacity:
+            return
+        keys, rows = self.items()
+        # Doubling at least, so a stream of small inserts rehashes O(log n) times.
+        capacity = max(_next_pow2(int((self._num_live + extra) / self._max_load) + 1), 2 * self._capacity)
+        self._alloc(capacity)
+        self._num_removed = 0
+        if keys.numel():
+            self._place(keys, rows)
+
+    def _place(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
+        # ``keys`` are distinct and absent, so any empty or removed slot will do.
+        # Racing ids write their key, read it back, and only the id whose key
+        # stayed claims the slot; the others move on.
+        mask = self._capacity - 1
+        pos = self._home(keys)
+        rows32 = rows.to(torch.int32)
+        while keys.numel():
+            free = (self._slots[pos] < 0).nonzero().squeeze(1)
+            if free.numel():
+                fpos = pos[free]
+                self._keys[fpos] = keys[free]
+                won = self._keys[fpos] == keys[free]
+                win = free[won]
+                self._slots[pos[win]] = rows32[win]
+                placed = torch.zeros(keys.shape, dtype=torch.bool, device=self._device)
+                placed[win] = True
+                keep = (~placed).nonzero().squeeze(1)
+                keys, rows32, pos = keys[keep], rows32[keep], pos[keep]
+            pos = (pos + 1) & mask
+
+    def remove(self, keys: torch.Tensor) -> torch.Tensor:
+        """Removes ``keys`` (absent ones are ignored); returns the rows they held, -1 if absent."""
+        keys = _check_keys(keys).to(self._device)
+        keys = torch.unique(keys)
+        rows = self.lookup(keys)
+        present = rows >= 0
+        if not bool(present.any()):
+            return rows
+        # Find the slots again: probe for the slot whose row matches.
+        gone = keys[present]
+        mask = self._capacity - 1
+        pos = self._home(gone)
+        while gone.numel():
+            hit = (self._keys[pos] == gone) & (self._slots[pos] >= 0)
+            self._slots[pos[hit]] = _REMOVED
+            keep = (~hit).nonzero().squeeze(1)
+            gone, pos = gone[keep], (pos[keep] + 1) & mask
+        n = int(present.sum())
+        self._num_live -= n
+        self._num_removed += n
+        return rows
+
+    def rebuild(self, keys: torch.Tensor, rows: torch.Tensor, num_rows: int | None = None) -> None:
+        """Replaces the contents with distinct ``keys`` -> distinct ``rows`` >= 0.
+
+        Args:
+            keys, rows: [R] ids and their rows.
+            num_rows: the next row to hand out; default ``max(rows) + 1``.
+
+        Raises:
+            ValueError: mismatched lengths, duplicate keys or rows, negative
+                rows, or ``num_rows`` <= ``max(rows)``.
+        """
+        keys = _check_keys(keys).to(self._device)
+        rows = _check_keys(rows, "rows").to(self._device)
+        if keys.shape != rows.shape:
+            raise ValueError(
+                f"keys and rows must have the same shape, got {tuple(keys.shape)} and {tuple(rows.shape)}"
+            )
+        n = keys.numel()
+        top = int(rows.max()) + 1 if n else 0
+        if n:
+            if torch.unique(keys).numel() != n:
+                raise ValueError("keys must be distinct")
+            if torch.unique(rows).numel() != n or int(rows.min()) < 0:
+                raise ValueError("rows must be distinct and >= 0")
+        if num_rows is None:
+            num_rows = top
+        if num_rows < top:
+            raise ValueError(f"Invalid num_rows: {num_rows!r} (expected >= max(rows) + 1 = {top})")
+        self._alloc(_next_pow2(int(n / self._max_load) + 1))
+        self._num_live = n
+        self._num_removed = 0
+        self._num_rows = int(num_rows)
+        if n:
+            self._place(keys, rows)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The live (keys, rows) pairs; the slot layout is rebuilt on load."""
+        keys, rows = self.items()
+        return {"keys": keys, "rows": rows, "num_rows": torch.tensor(self._num_rows)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.rebuild(state["keys"], state["rows"], int(state["num_rows"]))

@@ -1,0 +1,443 @@
+"""``HashTableFeatureFactory``: feature slots backed by collisionless embedding tables.
+
+Re-creates Monolith's hash-table feature factory (``feature.FeatureFactory``
+over ``multi_hash_table``): one ``EmbeddingTable`` per slot; ``lookup`` turns
+a batch of ragged ids into per-feature leaf tensors and slices, and
+``apply_gradients`` routes the leaves' gradients back to the rows. With
+``torch.distributed`` initialized and more than one process, the tables are
+replicas: every rank applies the per-id average of all ranks' gradients.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from monolith_torch.embedding_table import EmbeddingTable
+from monolith_torch.feature import (
+    EmbeddingLayoutFactory,
+    FeatureColumn,
+    FeatureFactory,
+    FeatureSlice,
+    FeatureSlot,
+    FeatureSlotConfig,
+    create_embedding_slices,
+)
+from monolith_torch.ragged import RaggedTensor, as_ragged
+
+__all__ = ["HashTableFeatureFactory", "HashTableLayout"]
+
+
+@dataclass
+class _Looked:
+    """One feature's lookup: the leaf handed to the model and the ids behind its rows."""
+
+    leaf: torch.Tensor
+    table: EmbeddingTable
+    feature_name: str
+    ids: torch.Tensor
+    batch_no: int
+
+
+def _validate_ragged(name: str, value) -> RaggedTensor:
+    ids = as_ragged(value, f"features[{name!r}]")
+    values = ids.values
+    if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+        raise TypeError(f"features[{name!r}] must hold integer ids, got dtype {values.dtype}")
+    if values.dim() != 1:
+        raise ValueError(f"features[{name!r}] values must be 1-D, got shape {tuple(values.shape)}")
+    # Re-validates the splits (start at 0, non-decreasing, end at len(values)).
+    try:
+        return RaggedTensor.from_row_splits(values, ids.row_splits, validate=True)
+    except ValueError as e:
+        raise ValueError(f"features[{name!r}]: {e}") from None
+
+
+def _slot_stream_id(config: FeatureSlotConfig) -> int:
+    if config.slot_id is not None:
+        return int(config.slot_id)
+    return zlib.crc32(str(config.name).encode())
+
+
+class HashTableFeatureFactory(FeatureFactory):
+    """Makes slots with real embedding tables and trains them.
+
+    Args:
+        seed: seeds every table's per-id initializers.
+        time_fn: seconds since the epoch (last-update times, expiry); injectable for tests.
+        device: where the tables live.
+        process_group: the group replicas average over; None uses the default
+            group when ``torch.distributed`` is initialized with more than one
+            process, else updates are local.
+        max_pending_lookups: how many recent ``lookup`` calls keep their leaves
+            resolvable by ``apply_gradients`` (a step may apply a batch late).
+
+    Attributes:
+        global_step: apply_gradients calls so far; the learning-rate functions
+            of the slices see it.
+    """
+
+    def __init__(
+        self,
+        seed: int = 0,
+        time_fn: Callable[[], float] = time.time,
+        device=None,
+        process_group=None,
+        max_pending_lookups: int = 4,
+    ):
+        super().__init__()
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if not isinstance(max_pending_lookups, int) or max_pending_lookups < 1:
+            raise ValueError(f"Invalid max_pending_lookups: {max_pending_lookups!r} (expected an int >= 1)")
+        self.seed = seed
+        self._time_fn = time_fn
+        self._device = device
+        self._process_group = process_group
+        self._max_pending = max_pending_lookups
+        self._tables: dict[str, EmbeddingTable] = {}
+        self._slots: dict[str, FeatureSlot] = {}
+        self._looked: dict[int, _Looked] = {}
+        self._batch_no = 0
+        self.global_step = 0
+
+    # -- slots -------------------------------------------------------------
+
+    def create_feature_slot(self, config: FeatureSlotConfig) -> FeatureSlot:
+        """Creates a slot and its table.
+
+        Raises:
+            TypeError: config not a FeatureSlotConfig.
+            ValueError: a slot of the same name exists.
+        """
+        if not isinstance(config, FeatureSlotConfig):
+            raise TypeError(f"config must be a FeatureSlotConfig, got {type(config).__name__}")
+        if config.name in self._tables:
+            raise ValueError(f"Invalid config.name: {config.name!r} (a slot of that name already exists)")
+        expected = getattr(config.hashtable_config, "initial_capacity", 0)
+        table = EmbeddingTable(
+            name=config.name,
+            slot_id=_slot_stream_id(config),
+            seed=self.seed,
+            occurrence_threshold=config.occurrence_threshold,
+            expire_time=config.expire_time,
+            time_fn=self._time_fn,
+            expected_rows=int(expected) if expected > 1 else 0,
+            device=self._device,
+        )
+        slot = FeatureSlot(table, config)
+        self._tables[config.name] = table
+        self._slots[config.name] = slot
+        if config.slot_id is not None:
+            self.slot_to_occurrence_threshold[config.slot_id] = config.occurrence_threshold
+            self.slot_to_expire_time[config.slot_id] = config.expire_time
+        return slot
+
+    @property
+    def tables(self) -> dict[str, EmbeddingTable]:
+        """Slot name -> table, in creation order."""
+        return dict(self._tables)
+
+    def _feature_tables(self) -> dict[str, EmbeddingTable]:
+        out: dict[str, EmbeddingTable] = {}
+        for table in self._tables.values():
+            for name in table.feature_names:
+                if name in out:
+                    raise RuntimeError(f"feature {name!r} is read from two slots: {out[name].name!r} and {table.name!r}")
+                out[name] = table
+        return out
+
+    # -- lookup ------------------------------------------------------------
+
+    def lookup(self, features: Mapping[str, object], training: bool = True) -> dict[str, torch.Tensor]:
+        """Gathers the rows of every registered feature for one batch.
+
+        After it, ``fc.embedding_lookup(slice)`` returns [B, d] ([B, L, d] for
+        ``FirstN``) and ``fc.get_all_embeddings_concat()`` the [N, D] leaf
+        whose gradient ``apply_gradients`` takes.
+
+        Args:
+            features: feature name -> ragged int ids (``RaggedTensor`` or a
+                ``torch.nested`` jagged tensor), one entry per registered feature.
+            training: count occurrences and create rows for new ids; False
+                reads absent ids as zeros and changes nothing.
+
+        Returns:
+            ``slice_key(name, start, end)`` -> combined slice, for all features.
+
+        Raises:
+            TypeError: ids that are not integer ragged tensors.
+            ValueError: unknown or missing feature names, bad row splits.
+                Checked before any table changes.
+        """
+        if not isinstance(features, Mapping):
+            raise TypeError(f"features must be a mapping of feature name -> ragged ids, got {type(features).__name__}")
+        feature_tables = self._feature_tables()
+        unknown = sorted(set(features) - set(feature_tables))
+        if unknown:
+            raise ValueError(f"Invalid features: unknown feature names {unknown}; known: {sorted(feature_tables)}")
+        missing = sorted(set(feature_tables) - set(features))
+        if missing:
+            raise ValueError(f"Invalid features: missing ids for registered features {missing}")
+        ragged = {name: _validate_ragged(name, features[name]) for name in sorted(features)}
+        self._batch_no += 1
+        self._prune()
+        out: dict[str, torch.Tensor] = {}
+        for name, ids in ragged.items():
+            table = feature_tables[name]
+            values = ids.values.to(table.device, torch.int64)
+            rows = table.lookup_rows(values, insert=training)
+            leaf = table.gather(rows).requires_grad_(True)
+            slices = create_embedding_slices(
+                {name: leaf}, {name: ids.to(table.device)}, {name: table._feature_combiners[name]},
+                {name: table.slice_dims},
+            )
+            table._set_current(name, leaf, slices)
+            self._looked[id(leaf)] = _Looked(leaf, table, name, values, self._batch_no)
+            out.update(slices)
+        return out
+
+    def _prune(self) -> None:
+        oldest = self._batch_no - self._max_pending
+        self._looked = {k: v for k, v in self._looked.items() if v.batch_no > oldest}
+
+    # -- update ------------------------------------------------------------
+
+    def _resolve(self, grads_and_vars) -> list[tuple[_Looked, torch.Tensor]]:
+        resolved = []
+        for i, pair in enumerate(grads_and_vars):
+            if not isinstance(pair, tuple | list) or len(pair) != 2:
+                raise TypeError(f"grads_and_vars[{i}] must be a (grad, var) pair, got {type(pair).__name__}")
+            grad, var = pair
+            if not isinstance(var, torch.Tensor):
+                raise TypeError(f"grads_and_vars[{i}]: var must be a torch.Tensor, got {type(var).__name__}")
+            looked = self._looked.get(id(var))
+            if looked is None or looked.leaf is not var:
+                raise ValueError(
+                    f"grads_and_vars[{i}]: var of shape {tuple(var.shape)} is not an embedding tensor from one "
+                    f"of the last {self._max_pending} lookups of this factory"
+                )
+            if grad is None:
+                continue
+            if not isinstance(grad, torch.Tensor) or not grad.is_floating_point():
+                raise TypeError(f"grads_and_vars[{i}]: grad must be a floating-point tensor, got {type(grad).__name__}")
+            if grad.shape != var.shape:
+                raise ValueError(
+                    f"grads_and_vars[{i}]: grad shape {tuple(grad.shape)} does not match the looked-up "
+                    f"tensor of feature {looked.feature_name!r}, shape {tuple(var.shape)}"
+                )
+            resolved.append((looked, grad))
+        return resolved
+
+    def apply_gradients(self, grads_and_vars: Iterable[tuple[torch.Tensor, torch.Tensor]], scale=1) -> None:
+        """Updates the rows behind each looked-up leaf with ``scale * grad``.
+
+        Gradients of repeated ids are summed; each id's row is updated once,
+        by each slice's optimizer. ``None`` gradients are skipped. Replicated
+        (multi-process): all ranks' (ids, grads) are gathered in rank order and
+        each id receives the sum over ranks divided by the world size. Every
+        rank must call this in the same order (it is a collective).
+
+        Raises:
+            TypeError, ValueError: unknown vars, grads of the wrong shape or
+                dtype. Checked before any row changes.
+        """
+        resolved = self._resolve(list(grads_and_vars))
+        per_table: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for looked, grad in resolved:
+            per_table.setdefault(looked.table.name, []).append((looked.ids, grad))
+        group = self._replica_group()
+        step = self.global_step
+        for name, table in self._tables.items():
+            pairs = per_table.get(name, [])
+            if group is None and not pairs:
+                continue
+            ids = torch.cat([p[0] for p in pairs]) if pairs else torch.zeros(0, dtype=torch.int64)
+            grads = (
+                torch.cat([p[1].detach().to(table.device, torch.float32) for p in pairs])
+                if pairs
+                else torch.zeros((0, table.dim))
+            )
+            ids = table.check_gradients(ids, grads)
+            if group is None:
+                table.apply_gradients(ids, grads, scale, step)
+            else:
+                ids, grads = _all_gather_rows(ids, grads, group)
+                world = dist.get_world_size(group)
+                table.apply_gradients(ids, grads.div_(world), scale, step, insert_missing=True)
+        self.global_step += 1
+
+    def _replica_group(self):
+        if not dist.is_available() or not dist.is_initialized():
+            return None
+        group = self._process_group if self._process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
+    # -- fused layout ------------------------------------------------------
+
+    def lookup_layout(
+        self,
+        features: Mapping[str, object],
+        layouts: Mapping[str, Sequence[tuple[FeatureColumn, FeatureSlice]]],
+        training: bool = True,
+        layout_factory: EmbeddingLayoutFactory | None = None,
+    ) -> EmbeddingLayoutFactory:
+        """Looks up a batch and assembles named fused layouts from feature slices.
+
+        Each layout is the concatenation, along the last dim, of
+        ``fc.embedding_lookup(slice)`` for its (column, slice) pairs: e.g.
+        ``"bias"`` [B, number of slots] from bias slices, ``"vec"`` [B, sum of dims].
+
+        Args:
+            features: as for ``lookup``.
+            layouts: layout name -> list of (FeatureColumn, FeatureSlice).
+            training: as for ``lookup``.
+            layout_factory: one returned earlier; updated in place (so a
+                ``NativeContext(layout_factory=...)`` built once keeps working).
+
+        Returns:
+            An ``EmbeddingLayoutFactory`` whose ``hash_table`` is a
+            ``HashTableLayout`` routing layout gradients back to rows.
+        """
+        if not isinstance(layouts, Mapping) or not layouts:
+            raise ValueError(f"Invalid layouts: {layouts!r} (expected a non-empty mapping of name -> [(column, slice)])")
+        for lname, parts in layouts.items():
+            if not parts:
+                raise ValueError(f"Invalid layouts[{lname!r}]: empty")
+            for part in parts:
+                if not (isinstance(part, tuple | list) and len(part) == 2 and isinstance(part[0], FeatureColumn)
+                        and isinstance(part[1], FeatureSlice)):
+                    raise TypeError(f"layouts[{lname!r}] entries must be (FeatureColumn, FeatureSlice), got {part!r}")
+                if part[0].feature_slot.table not in self._tables.values():
+                    raise ValueError(f"layouts[{lname!r}]: column {part[0].feature_name!r} is not from this factory")
+        if layout_factory is not None and not isinstance(layout_factory.hash_table, HashTableLayout):
+            raise TypeError("layout_factory must be one returned by lookup_layout")
+        self.lookup(features, training)
+        combined = {}
+        for lname in sorted(layouts):
+            parts = [fc.embedding_lookup(s) for fc, s in layouts[lname]]
+            combined[lname] = torch.cat(parts, dim=-1)
+        batch_leaves = [lk.leaf for lk in self._looked.values() if lk.batch_no == self._batch_no]
+        binding = HashTableLayout(self, combined, batch_leaves)
+        embeddings = {name: binding.leaves[name] for name in combined}
+        if layout_factory is None:
+            return EmbeddingLayoutFactory(binding, embeddings)
+        layout_factory.hash_table = binding
+        layout_factory.layout_embeddings = embeddings
+        return layout_factory
+
+    # -- expiry and state --------------------------------------------------
+
+    def evict_expired(self, now: float | None = None) -> dict[str, int]:
+        """Runs ``evict_expired`` on every table; returns rows removed per slot."""
+        return {name: t.evict_expired(now) for name, t in self._tables.items()}
+
+    def state_dict(self) -> dict:
+        return {
+            "seed": self.seed,
+            "global_step": self.global_step,
+            "tables": {name: t.state_dict() for name, t in self._tables.items()},
+        }
+
+    def check_state_dict(self, state: Mapping) -> None:
+        """Raises if ``state`` does not match this factory's slots; changes nothing."""
+        if not isinstance(state, Mapping) or "tables" not in state:
+            raise ValueError("factory state must be a mapping with 'tables'")
+        if set(state["tables"]) != set(self._tables):
+            raise ValueError(
+                f"saved slots {sorted(state['tables'])} do not match this factory's slots {sorted(self._tables)}"
+            )
+        for name, table in self._tables.items():
+            table.check_state_dict(state["tables"][name])
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restores every table; validates all of them first."""
+        self.check_state_dict(state)
+        for name, table in self._tables.items():
+            table.load_state_dict(state["tables"][name])
+        self.global_step = int(state.get("global_step", 0))
+        self._looked.clear()
+
+
+class HashTableLayout:
+    """The ``LayoutTable`` of a fused-layout batch: routes layout gradients to rows.
+
+    Holds the combined layout tensors (still attached to the per-feature
+    leaves) and hands out detached leaf copies; ``apply_layout_gradients``
+    backpropagates layout gradients to the per-feature leaves and passes them
+    to ``HashTableFeatureFactory.apply_gradients``.
+    """
+
+    def __init__(
+        self, factory: HashTableFeatureFactory, combined: Mapping[str, torch.Tensor], feature_leaves: list[torch.Tensor]
+    ):
+        self.factory = factory
+        self._feature_leaves = list(feature_leaves)
+        self._combined = dict(combined)
+        self.leaves = {name: t.detach().requires_grad_(True) for name, t in self._combined.items()}
+        self._applied = False
+
+    def flatten_layout(self, layout_embeddings: Mapping[str, object]) -> list[torch.Tensor]:
+        """The layout tensors in sorted-name order (lists flattened in place)."""
+        out = []
+        for name in sorted(layout_embeddings):
+            value = layout_embeddings[name]
+            out.extend(value if isinstance(value, list | tuple) else [value])
+        return out
+
+    def apply_layout_gradients(self, grads_and_vars, scale=1) -> None:
+        """Applies layout gradients (``None`` as zeros) to the rows behind them.
+
+        Raises:
+            ValueError: an unknown var, a grad of the wrong shape.
+            RuntimeError: this batch's gradients were applied already.
+        """
+        by_id = {id(leaf): name for name, leaf in self.leaves.items()}
+        outputs, grad_outputs = [], []
+        for i, (grad, var) in enumerate(grads_and_vars):
+            name = by_id.get(id(var))
+            if name is None or self.leaves[name] is not var:
+                raise ValueError(f"grads_and_vars[{i}]: var of shape {tuple(var.shape)} is not a layout of this batch")
+            if grad is not None and grad.shape != var.shape:
+                raise ValueError(
+                    f"grads_and_vars[{i}]: grad shape {tuple(grad.shape)} does not match layout {name!r} "
+                    f"shape {tuple(var.shape)}"
+                )
+            outputs.append(self._combined[name])
+            grad_outputs.append(torch.zeros_like(var) if grad is None else grad.detach())
+        if self._applied:
+            raise RuntimeError("the gradients of this layout batch were applied already; look up a new batch")
+        leaves = self._feature_leaves
+        if not outputs:
+            return
+        grads = torch.autograd.grad(outputs, leaves, grad_outputs, allow_unused=True)
+        self._applied = True
+        pairs = [(g, leaf) for g, leaf in zip(grads, leaves, strict=True) if g is not None]
+        self.factory.apply_gradients(pairs, scale)
+
+
+def _all_gather_rows(ids: torch.Tensor, grads: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ranks' ids [n_r] and grads [n_r, D], concatenated in rank order."""
+    world = dist.get_world_size(group)
+    n = torch.tensor([ids.numel()], dtype=torch.int64)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(sizes, n, group=group)
+    counts = [int(s) for s in sizes]
+    m = max(counts)
+    pad_ids = torch.zeros(m, dtype=torch.int64)
+    pad_ids[: ids.numel()] = ids.cpu()
+    pad_grads = torch.zeros((m, grads.shape[1]), dtype=torch.float32)
+    pad_grads[: ids.numel()] = grads.cpu()
+    all_ids = [torch.zeros_like(pad_ids) for _ in range(world)]
+    all_grads = [torch.zeros_like(pad_grads) for _ in range(world)]
+    dist.all_gather(all_ids, pad_ids, group=group)
+    dist.all_gather(all_grads, pad_grads, group=group)
+    ids_out = torch.cat([t[:c] for t, c in zip(all_ids, counts, strict=True)]).to(ids.device)
+    grads_out = torch.cat([t[:c] for t, c in zip(all_grads, counts, strict=True)]).to(grads.device)
+    return ids_out, grads_out
+
