@@ -268,8 +268,10 @@ class EmbeddingTable(FeatureEmbTable):
         d = segment.dim_size
         self._slices.append(_Slice(self._dim, self._dim + d, segment, learning_rate_fn))
         self._dim += d
-        self._values = torch.zeros((0, self._dim), dtype=torch.float32, device=self._device)
-        self._states.append({n: torch.zeros((0, d), dtype=torch.float32, device=self._device) for n in names})
+        # Capacity >= 1 so gathering row 0 for absent ids (masked to zero) always works.
+        cap = max(16, self._values.shape[0])
+        self._values = torch.zeros((cap, self._dim), dtype=torch.float32, device=self._device)
+        self._states.append({n: torch.zeros((cap, d), dtype=torch.float32, device=self._device) for n in names})
 
     def set_feature_metadata(self, feature_name: str, combiner) -> None:
         self._feature_combiners[feature_name] = combiner

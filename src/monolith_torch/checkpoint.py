@@ -1,0 +1,233 @@
+"""Crash-safe checkpoints of embedding tables, dense model, dense optimizer and global step.
+
+Plays the part of Monolith's hash-table checkpoint saver/restorer hooks. One
+file per checkpoint::
+
+    b"MTCKPT1\\n" | 64 hex chars of sha256(payload) | b"\\n" | 20-digit payload length | b"\\n" | payload
+
+where the payload is ``torch.save`` of a dict of tensors and plain values.
+A save writes a temporary file in the same directory, fsyncs it, renames it
+over the target (``os.replace`` is atomic on POSIX) and fsyncs the directory,
+so a process killed mid-save leaves the previous checkpoint intact. A load
+checks the length and checksum before unpickling anything, and a restore
+validates every part against the live objects before changing any of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Mapping
+
+import torch
+
+__all__ = ["save_checkpoint", "restore_checkpoint", "load_checkpoint_file", "CheckpointError"]
+
+_MAGIC = b"MTCKPT1\n"
+_HEADER_LEN = len(_MAGIC) + 64 + 1 + 20 + 1
+_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, truncated, corrupt or does not fit the objects."""
+
+
+def _table_owner(ctx):
+    """The object whose ``state_dict`` holds the embedding tables, or None."""
+    if ctx is None:
+        return None
+    factory = getattr(ctx, "feature_factory", None)
+    if factory is not None and hasattr(factory, "state_dict"):
+        return factory
+    layout = getattr(ctx, "layout_factory", None)
+    if layout is not None:
+        owner = getattr(getattr(layout, "hash_table", None), "factory", None)
+        if owner is not None and hasattr(owner, "state_dict"):
+            return owner
+    return None
+
+
+def _step_value(global_step) -> int | None:
+    if global_step is None:
+        return None
+    if isinstance(global_step, torch.Tensor):
+        if global_step.numel() != 1:
+            raise ValueError(f"Invalid global_step: shape {tuple(global_step.shape)} (expected one element)")
+        return int(global_step.reshape(()).item())
+    if isinstance(global_step, int) and not isinstance(global_step, bool):
+        return global_step
+    raise TypeError(f"global_step must be an int or a one-element tensor, got {type(global_step).__name__}")
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path, ctx, model=None, optimizer=None, global_step=None) -> str:
+    """Writes tables, dense model, dense optimizer and global step to ``path`` atomically.
+
+    Pending async functions of ``ctx`` run first, so the file holds the state
+    after every queued update.
+
+    Args:
+        path: the checkpoint file; its directory must exist.
+        ctx: a ``NativeContext`` (its hash-table factory is saved), or None.
+        model: a ``torch.nn.Module`` whose ``state_dict`` is saved.
+        optimizer: a ``torch.optim.Optimizer`` whose ``state_dict`` is saved.
+        global_step: an int or a one-element tensor.
+
+    Returns:
+        The path written.
+
+    Raises:
+        TypeError: a bad ``global_step``.
+        OSError: the write failed; the previous file at ``path`` is untouched.
+    """
+    path = os.fspath(path)
+    if ctx is not None and getattr(ctx, "async_function_mgr", None) is not None:
+        ctx.async_function_mgr.flush()
+    owner = _table_owner(ctx)
+    payload = {
+        "format": _FORMAT,
+        "tables": owner.state_dict() if owner is not None else None,
+        "model": model.state_dict() if model is not None else None,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "global_step": _step_value(global_step),
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getbuffer()
+    digest = hashlib.sha256(data).hexdigest().encode()
+    header = _MAGIC + digest + b"\n" + b"%020d" % len(data) + b"\n"
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+    return path
+
+
+def load_checkpoint_file(path) -> dict:
+    """Reads and verifies a checkpoint file; returns its payload dict.
+
+    Raises:
+        CheckpointError: missing, truncated, not a checkpoint, or checksum mismatch;
+            the message names the file.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path!r}: {e}") from e
+    if len(raw) < _HEADER_LEN or not raw.startswith(_MAGIC):
+        raise CheckpointError(f"{path!r} is not a monolith-torch checkpoint or its header is truncated")
+    digest = raw[len(_MAGIC): len(_MAGIC) + 64].decode("ascii", "replace")
+    try:
+        length = int(raw[len(_MAGIC) + 65: _HEADER_LEN - 1])
+    except ValueError:
+        raise CheckpointError(f"checkpoint {path!r} has a corrupt header") from None
+    data = memoryview(raw)[_HEADER_LEN:]
+    if len(data) != length:
+        raise CheckpointError(
+            f"checkpoint {path!r} is truncated or has trailing bytes: payload {len(data)} bytes, header says {length}"
+        )
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise CheckpointError(f"checkpoint {path!r} is corrupt: sha256 mismatch")
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # a checksummed payload torch cannot read: wrong version or writer bug
+        raise CheckpointError(f"checkpoint {path!r} could not be unpickled: {e}") from e
+    if not isinstance(payload, Mapping) or payload.get("format") != _FORMAT:
+        raise CheckpointError(f"checkpoint {path!r} has an unknown format")
+    return dict(payload)
+
+
+def _check_model(path: str, model, saved) -> None:
+    if saved is None:
+        raise CheckpointError(f"checkpoint {path!r} holds no model state")
+    current = model.state_dict()
+    if set(current) != set(saved):
+        missing, extra = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
+        raise CheckpointError(f"checkpoint {path!r}: model keys differ (missing {missing}, unexpected {extra})")
+    for k, v in current.items():
+        if isinstance(v, torch.Tensor) and (
+            not isinstance(saved[k], torch.Tensor) or saved[k].shape != v.shape
+        ):
+            raise CheckpointError(
+                f"checkpoint {path!r}: model {k!r} has shape {tuple(getattr(saved[k], 'shape', ()))}, "
+                f"expected {tuple(v.shape)}"
+            )
+
+
+def _check_optimizer(path: str, optimizer, saved) -> None:
+    if saved is None:
+        raise CheckpointError(f"checkpoint {path!r} holds no optimizer state")
+    groups, saved_groups = optimizer.param_groups, saved.get("param_groups", [])
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in saved_groups]:
+        raise CheckpointError(f"checkpoint {path!r}: optimizer parameter groups do not match")
+
+
+def restore_checkpoint(path, ctx, model=None, optimizer=None, global_step=None) -> int | None:
+    """Restores what ``save_checkpoint`` wrote; validates everything before changing anything.
+
+    Pending async functions of ``ctx`` are dropped by running them first (they
+    belong to the state being replaced).
+
+    Args:
+        path: the checkpoint file.
+        ctx, model, optimizer: the live objects to restore into (None: skip).
+        global_step: a tensor restored in place (ints cannot be; use the return value).
+
+    Returns:
+        The saved global step (None if none was saved).
+
+    Raises:
+        CheckpointError: a bad file, or state that does not fit the objects;
+            the message names the file. Nothing is changed then.
+    """
+    path = os.fspath(path)
+    payload = load_checkpoint_file(path)
+    owner = _table_owner(ctx)
+    if owner is not None:
+        if payload["tables"] is None:
+            raise CheckpointError(f"checkpoint {path!r} holds no embedding tables")
+        try:
+            owner.check_state_dict(payload["tables"])
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {path!r}: {e}") from e
+    if model is not None:
+        _check_model(path, model, payload["model"])
+    if optimizer is not None:
+        _check_optimizer(path, optimizer, payload["optimizer"])
+    step = payload["global_step"]
+    if isinstance(global_step, torch.Tensor) and step is None:
+        raise CheckpointError(f"checkpoint {path!r} holds no global step")
+    if ctx is not None and getattr(ctx, "async_function_mgr", None) is not None:
+        ctx.async_function_mgr.flush()
+    if owner is not None:
+        owner.load_state_dict(payload["tables"])
+    if model is not None:
+        model.load_state_dict(payload["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(payload["optimizer"])
+    if isinstance(global_step, torch.Tensor):
+        global_step.fill_(step)
+    return step
