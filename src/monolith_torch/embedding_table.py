@@ -343,9 +343,10 @@ class EmbeddingTable(FeatureEmbTable):
         if self.occurrence_threshold <= 1:
             rows, new_keys = self._index.insert(ids)
             self._init_rows(new_keys, now)
+            present = rows  # every id has a row now
         else:
             rows = self._admit(ids, now)
-        present = rows[rows >= 0]
+            present = rows[rows >= 0]
         self._counts.index_add_(0, present, torch.ones_like(present))
         return rows
 
@@ -435,6 +436,8 @@ class EmbeddingTable(FeatureEmbTable):
         scale=1.0,
         global_step: int = 0,
         insert_missing: bool = False,
+        rows: torch.Tensor | None = None,
+        rows_generation: int | None = None,
     ) -> int:
         """Applies ``scale * sum of grads`` of each unique id with each slice's optimizer.
 
@@ -446,6 +449,10 @@ class EmbeddingTable(FeatureEmbTable):
             insert_missing: create rows for ids without one (replicated tables
                 receive ids first looked up on another rank); otherwise their
                 gradients are dropped (ids the occurrence filter has not admitted).
+            rows: the rows ``lookup_rows`` returned for ``ids``, to skip a second
+                index probe; used only while ``rows_generation`` equals
+                ``generation`` (no eviction or restore moved rows since).
+            rows_generation: ``generation`` when ``rows`` were looked up.
 
         Returns:
             Number of rows updated.
@@ -454,34 +461,40 @@ class EmbeddingTable(FeatureEmbTable):
             TypeError, ValueError: bad ids or gradients; nothing is written.
         """
         ids = self.check_gradients(ids, grads)
+        if rows is not None and (
+            not isinstance(rows, torch.Tensor) or rows.shape != ids.shape or rows.dtype != torch.int64
+        ):
+            raise ValueError(f"rows must be an int64 tensor of shape {tuple(ids.shape)}, got {rows!r}")
         now = self._now()
         if insert_missing:
             rows, new_keys = self._index.insert(ids)
             self._init_rows(new_keys, now)
-        else:
+        elif rows is None or rows_generation != self.generation:
             rows = self._index.lookup(ids)
-        keep = (rows >= 0).nonzero().squeeze(1)
-        if keep.numel() == 0:
-            return 0
-        urows, inverse = torch.unique(rows[keep], return_inverse=True)
         grads = grads.detach().to(self._device, torch.float32)
+        if rows.numel() and int(rows.min()) < 0:  # ids the filter has not admitted: drop them
+            keep = (rows >= 0).nonzero().squeeze(1)
+            rows, grads = rows.index_select(0, keep), grads.index_select(0, keep)
+        if rows.numel() == 0:
+            return 0
+        urows, inverse = torch.unique(rows, return_inverse=True)
         gsum = torch.zeros((urows.numel(), self._dim), dtype=torch.float32, device=self._device)
-        gsum.index_add_(0, inverse, grads[keep])
+        gsum.index_add_(0, inverse, grads)
         if isinstance(scale, torch.Tensor):
             gsum.mul_(scale.detach().to(self._device, torch.float32))
         elif scale != 1:
             gsum.mul_(float(scale))
-        w = self._values[urows]
+        w = self._values.index_select(0, urows)
         for i, sl in enumerate(self._slices):
             lr = learning_rate_at(sl.optimizer, sl.learning_rate_fn, global_step)
-            state = {n: t[urows] for n, t in self._states[i].items()}
+            state = {n: t.index_select(0, urows) for n, t in self._states[i].items()}
             w[:, sl.start:sl.end] = _update_slice(
                 sl.optimizer, lr, w[:, sl.start:sl.end], gsum[:, sl.start:sl.end], state
             )
             for n, t in state.items():
-                self._states[i][n][urows] = t
-        self._values[urows] = w
-        self._times[urows] = now
+                self._states[i][n].index_copy_(0, urows, t)
+        self._values.index_copy_(0, urows, w)
+        self._times.index_fill_(0, urows, now)
         return urows.numel()
 
     # -- expiry ------------------------------------------------------------

@@ -24,7 +24,10 @@ _EMPTY = -1
 _REMOVED = -2
 # Fibonacci hashing: the high bits of key * 2^64/phi spread nearby ids apart.
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX = 0xFF51AFD7ED558CCD - (1 << 64)
 _MIN_CAPACITY = 16
+
+
 
 
 def _check_keys(keys: torch.Tensor, name: str = "keys") -> torch.Tensor:
@@ -78,8 +81,11 @@ class HashIndex:
         self._slots = torch.full((capacity,), _EMPTY, dtype=torch.int32, device=self._device)
 
     def _home(self, keys: torch.Tensor) -> torch.Tensor:
-        x = keys ^ (keys >> 31)
-        x = x * _GOLDEN
+        # A multiply-xorshift mix before Fibonacci hashing, so structured ids
+        # (arithmetic progressions, ids with common low bits) still spread out.
+        # Arithmetic shifts are fine here: any fixed bijective mix will do.
+        x = keys * _MIX
+        x = (x ^ (x >> 32)) * _GOLDEN
         # Arithmetic shift, then mask: the top ``bits`` bits as a slot number.
         return (x >> (64 - self._bits)) & (self._capacity - 1)
 
@@ -122,30 +128,41 @@ class HashIndex:
         return out
 
     def _probe(self, keys: torch.Tensor, out: torch.Tensor) -> None:
+        # Round 1 tests each id's home slot; later rounds test a window of
+        # following slots at once (8x wider each round, capped), so a long
+        # probe sequence costs a few rounds, not one round per slot. Adjacent
+        # slots share cache lines, so a window costs little more memory traffic
+        # than one slot.
         mask = self._capacity - 1
         pos = self._home(keys)
-        idx = None  # positions in ``out`` of the ids still probing; None = all
-        while True:
-            slot = self._slots[pos]
-            found = (self._keys[pos] == keys) & (slot >= 0)
-            resolved = found | (slot == _EMPTY)
-            if idx is None:
-                out.copy_(torch.where(found, slot.long(), -1))
-            else:
-                out[idx] = torch.where(found, slot.long(), -1)
-            pending = (~resolved).nonzero().squeeze(1)
-            if pending.numel() == 0:
-                return
-            idx = pending if idx is None else idx[pending]
-            keys = keys[pending]
-            pos = (pos[pending] + 1) & mask
+        slot = self._slots.index_select(0, pos)
+        found = (self._keys.index_select(0, pos) == keys) & (slot >= 0)
+        out.copy_(torch.where(found, slot, -1))
+        # Unresolved: neither found nor stopped by an empty slot.
+        pending = ((slot != _EMPTY) ^ found).nonzero().squeeze(1)
+        if pending.numel() == 0:
+            return
+        idx, keys, pos = pending, keys.index_select(0, pending), pos.index_select(0, pending) + 1
+        width = 8
+        while idx.numel():
+            window = (pos[:, None] + torch.arange(width, device=self._device)) & mask
+            slot = self._slots.take(window)
+            found = (self._keys.take(window) == keys[:, None]) & (slot >= 0)
+            stop = found | (slot == _EMPTY)
+            first = stop.to(torch.uint8).argmax(1, keepdim=True)
+            hit = found.gather(1, first).squeeze(1)
+            row = slot.gather(1, first).squeeze(1).long()
+            done = stop.any(1)
+            out[idx] = torch.where(hit, row, -1)
+            pending = (~done).nonzero().squeeze(1)
+            idx, keys, pos = idx[pending], keys[pending], pos[pending] + width
+            width = min(8 * width, 512)
 
     def items(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys [R], rows [R]) of the live entries, ordered by row."""
-        live = (self._slots >= 0).nonzero().squeeze(1)
-        rows = self._slots[live].long()
+        keys, rows = self._live()
         order = torch.argsort(rows)
-        return self._keys[live][order], rows[order]
+        return keys[order], rows[order]
 
     # -- updates -----------------------------------------------------------
 
@@ -164,10 +181,11 @@ class HashIndex:
         """
         keys = _check_keys(keys).to(self._device)
         rows = self.lookup(keys)
-        missing = rows < 0
-        new_keys = torch.unique(keys[missing])
-        if new_keys.numel() == 0:
-            return rows, new_keys
+        miss_idx = (rows < 0).nonzero().squeeze(1)
+        if miss_idx.numel() == 0:
+            return rows, keys.new_zeros(0)
+        missed = keys.index_select(0, miss_idx)
+        new_keys = torch.unique(missed)
         new_rows = torch.arange(
             self._num_rows, self._num_rows + new_keys.numel(), dtype=torch.int64, device=self._device
         )
@@ -175,15 +193,14 @@ class HashIndex:
         self._place(new_keys, new_rows)
         self._num_live += new_keys.numel()
         self._num_rows += new_keys.numel()
-        miss_idx = missing.nonzero().squeeze(1)
-        rows[miss_idx] = new_rows[torch.searchsorted(new_keys, keys[miss_idx])]
+        rows.index_copy_(0, miss_idx, new_rows.index_select(0, torch.searchsorted(new_keys, missed)))
         return rows, new_keys
 
     def _reserve(self, extra: int) -> None:
         need = self._num_live + self._num_removed + extra
         if need <= self._max_load * self._capacity:
             return
-        keys, rows = self.items()
+        keys, rows = self._live()
         # Doubling at least, so a stream of small inserts rehashes O(log n) times.
         capacity = max(_next_pow2(int((self._num_live + extra) / self._max_load) + 1), 2 * self._capacity)
         self._alloc(capacity)
@@ -193,24 +210,37 @@ class HashIndex:
 
     def _place(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
         # ``keys`` are distinct and absent, so any empty or removed slot will do.
-        # Racing ids write their key, read it back, and only the id whose key
-        # stayed claims the slot; the others move on.
+        # Each id takes the first free slot in its window; racing ids write
+        # their key, read it back, and only the id whose key stayed claims the
+        # slot. Losers retry from that slot, ids without a free slot in their
+        # window move past it.
         mask = self._capacity - 1
         pos = self._home(keys)
         rows32 = rows.to(torch.int32)
+        width = 1
         while keys.numel():
-            free = (self._slots[pos] < 0).nonzero().squeeze(1)
-            if free.numel():
-                fpos = pos[free]
-                self._keys[fpos] = keys[free]
-                won = self._keys[fpos] == keys[free]
-                win = free[won]
-                self._slots[pos[win]] = rows32[win]
-                placed = torch.zeros(keys.shape, dtype=torch.bool, device=self._device)
-                placed[win] = True
-                keep = (~placed).nonzero().squeeze(1)
-                keys, rows32, pos = keys[keep], rows32[keep], pos[keep]
-            pos = (pos + 1) & mask
+            if width == 1:
+                free = (self._slots.index_select(0, pos) < 0)[:, None]
+            else:
+                free = self._slots.take((pos[:, None] + torch.arange(width, device=self._device)) & mask) < 0
+            has_free = free.any(1)
+            target = (pos + free.to(torch.uint8).argmax(1)) & mask
+            cand = has_free.nonzero().squeeze(1)
+            tpos = target.index_select(0, cand)
+            ckeys = keys.index_select(0, cand)
+            self._keys.index_copy_(0, tpos, ckeys)
+            won = self._keys.index_select(0, tpos) == ckeys
+            win = cand[won]
+            self._slots.index_copy_(0, tpos[won], rows32.index_select(0, win))
+            keep = torch.ones(keys.shape, dtype=torch.bool, device=self._device).index_fill_(0, win, False)
+            keep = keep.nonzero().squeeze(1)
+            pos = torch.where(has_free, target, pos + width).index_select(0, keep)
+            keys, rows32 = keys.index_select(0, keep), rows32.index_select(0, keep)
+            width = min(8 * width, 512)
+
+    def _live(self) -> tuple[torch.Tensor, torch.Tensor]:
+        live = (self._slots >= 0).nonzero().squeeze(1)
+        return self._keys.index_select(0, live), self._slots.index_select(0, live).long()
 
     def remove(self, keys: torch.Tensor) -> torch.Tensor:
         """Removes ``keys`` (absent ones are ignored); returns the rows they held, -1 if absent."""

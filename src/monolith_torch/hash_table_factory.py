@@ -42,6 +42,8 @@ class _Looked:
     feature_name: str
     ids: torch.Tensor
     batch_no: int
+    rows: torch.Tensor
+    generation: int
 
 
 def _validate_ragged(name: str, value) -> RaggedTensor:
@@ -198,7 +200,7 @@ class HashTableFeatureFactory(FeatureFactory):
                 {name: table.slice_dims},
             )
             table._set_current(name, leaf, slices)
-            self._looked[id(leaf)] = _Looked(leaf, table, name, values, self._batch_no)
+            self._looked[id(leaf)] = _Looked(leaf, table, name, values, self._batch_no, rows, table.generation)
             out.update(slices)
         return out
 
@@ -248,9 +250,9 @@ class HashTableFeatureFactory(FeatureFactory):
                 dtype. Checked before any row changes.
         """
         resolved = self._resolve(list(grads_and_vars))
-        per_table: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        per_table: dict[str, list[tuple[torch.Tensor, torch.Tensor, _Looked]]] = {}
         for looked, grad in resolved:
-            per_table.setdefault(looked.table.name, []).append((looked.ids, grad))
+            per_table.setdefault(looked.table.name, []).append((looked.ids, grad, looked))
         group = self._replica_group()
         step = self.global_step
         for name, table in self._tables.items():
@@ -265,7 +267,10 @@ class HashTableFeatureFactory(FeatureFactory):
             )
             ids = table.check_gradients(ids, grads)
             if group is None:
-                table.apply_gradients(ids, grads, scale, step)
+                # Reuse the looked-up rows unless an eviction or restore moved them.
+                fresh = all(p[2].generation == table.generation for p in pairs)
+                rows = torch.cat([p[2].rows for p in pairs]) if fresh else None
+                table.apply_gradients(ids, grads, scale, step, rows=rows, rows_generation=table.generation)
             else:
                 ids, grads = _all_gather_rows(ids, grads, group)
                 world = dist.get_world_size(group)
