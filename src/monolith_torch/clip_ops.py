@@ -25,6 +25,8 @@ __all__ = [
     "foreach_scale_",
 ]
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
 
 def group_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
     """Indices of ``tensors`` grouped by (device, dtype), for one foreach call per group."""
@@ -51,9 +53,17 @@ def global_norm(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
     out_dtype = torch.float64 if any(t.dtype == torch.float64 for t in present) else torch.float32
     device = present[0].device
     per_group = []
-    for (dev, _), idx in group_by_device_and_dtype(present).items():
-        norms = torch._foreach_norm([present[i] for i in idx], 2)
+    for (_, dtype), idx in group_by_device_and_dtype(present).items():
+        group = [present[i] for i in idx]
+        if dtype in _LOW_PRECISION:
+            # fp16 norms overflow past 65504 (an inf norm NaNs every clipped
+            # gradient) and bf16 ones keep 3 digits: accumulate in float32.
+            norms = torch._foreach_norm(group, 2, dtype=torch.float32)
+        else:
+            norms = torch._foreach_norm(group, 2)
         per_group.append(torch.linalg.vector_norm(torch.stack(norms).to(out_dtype)).to(device))
+    if len(per_group) == 1:
+        return per_group[0]
     return torch.linalg.vector_norm(torch.stack(per_group))
 
 
@@ -87,6 +97,15 @@ def _check_clip_norm(clip_norm) -> None:
         raise ValueError(f"Invalid clip_norm: {clip_norm!r} (expected a number >= 0)")
 
 
+def _as_norm(use_norm, present: list[torch.Tensor]) -> torch.Tensor:
+    if isinstance(use_norm, torch.Tensor):
+        return use_norm
+    if isinstance(use_norm, bool) or not isinstance(use_norm, int | float):
+        raise TypeError(f"use_norm must be a tensor or a number, got {type(use_norm).__name__}")
+    device = present[0].device if present else None
+    return torch.tensor(float(use_norm), dtype=torch.float32, device=device)
+
+
 def clip_by_global_norm(t_list, clip_norm, use_norm=None):
     """Scales ``t_list`` so that its global norm is at most ``clip_norm`` (out of place).
 
@@ -101,8 +120,8 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None):
     """
     _check_clip_norm(clip_norm)
     t_list = list(t_list)
-    norm = global_norm(t_list) if use_norm is None else use_norm
     present = _present(t_list)
+    norm = global_norm(t_list) if use_norm is None else _as_norm(use_norm, present)
     if not present:
         return t_list, norm
     factor = clip_factor(norm, clip_norm)
@@ -123,17 +142,32 @@ def clip_by_global_norm_(t_list, clip_norm, use_norm=None) -> torch.Tensor:
     """In-place ``clip_by_global_norm``; returns the global norm."""
     _check_clip_norm(clip_norm)
     present = _present(t_list)
-    norm = global_norm(present) if use_norm is None else use_norm
+    norm = global_norm(present) if use_norm is None else _as_norm(use_norm, present)
     if present:
         foreach_scale_(present, clip_factor(norm, clip_norm))
     return norm
 
 
 def clip_by_norm(t: torch.Tensor, clip_norm) -> torch.Tensor:
-    """Scales ``t`` so that its L2 norm is at most ``clip_norm`` (out of place)."""
+    """Scales ``t`` so that its L2 norm is at most ``clip_norm`` (out of place).
+
+    TF's ``clip_by_norm`` over all axes: ``t * clip_norm / max(norm, clip_norm)``,
+    so an infinite norm zeroes the finite entries and a NaN norm gives NaN.
+    No host sync.
+
+    Raises:
+        TypeError: ``t`` not a floating-point tensor.
+        ValueError: ``clip_norm`` negative or NaN.
+    """
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"clip_by_norm needs a floating-point tensor, got {what}")
     _check_clip_norm(clip_norm)
-    norm = torch.linalg.vector_norm(t.float() if not t.is_floating_point() else t)
-    factor = torch.where(norm > clip_norm, clip_norm / norm, torch.ones_like(norm))
+    norm_dtype = torch.float32 if t.dtype in _LOW_PRECISION else t.dtype
+    norm = torch.linalg.vector_norm(t, dtype=norm_dtype)
+    bound = torch.as_tensor(clip_norm, dtype=norm.dtype, device=norm.device)
+    factor = torch.where(norm > bound, bound / norm, torch.ones_like(norm))
+    factor = torch.where(torch.isnan(norm), norm, factor)
     return t * factor.to(t.dtype)
 
 

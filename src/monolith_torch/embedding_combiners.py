@@ -17,9 +17,10 @@ __all__ = ["Combiner", "ReduceSum", "ReduceMean", "FirstN"]
 
 
 def _check_embeddings(ids, embeddings: torch.Tensor) -> None:
-    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
-        shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
-        raise ValueError(f"embeddings must be a 2-D [N, D] tensor, got {shape}")
+    if not isinstance(embeddings, torch.Tensor):
+        raise TypeError(f"embeddings must be a 2-D [N, D] tensor, got {type(embeddings).__name__}")
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be a 2-D [N, D] tensor, got shape {tuple(embeddings.shape)}")
     if embeddings.shape[0] != ids.values.shape[0]:
         raise ValueError(
             f"embeddings has {embeddings.shape[0]} rows but the ids hold {ids.values.shape[0]} values"

@@ -80,8 +80,19 @@ class RaggedTensor:
 
     @classmethod
     def from_row_lengths(cls, values, row_lengths) -> RaggedTensor:
-        """Builds a ragged tensor from per-row lengths."""
+        """Builds a ragged tensor from [B] per-row lengths (validated: one host sync).
+
+        Raises:
+            TypeError: lengths that are not integers.
+            ValueError: lengths not 1-D, negative, or not summing to ``len(values)``.
+        """
         row_lengths = torch.as_tensor(row_lengths)
+        if row_lengths.is_floating_point() or row_lengths.is_complex() or row_lengths.dtype == torch.bool:
+            raise TypeError(f"row_lengths must hold integers, got {row_lengths.dtype}")
+        if row_lengths.dim() != 1:
+            raise ValueError(f"row_lengths must be 1-D, got shape {tuple(row_lengths.shape)}")
+        if row_lengths.numel() and bool((row_lengths < 0).any()):
+            raise ValueError(f"row_lengths must be >= 0, got {row_lengths.tolist()[:16]}")
         splits = torch.zeros(row_lengths.numel() + 1, dtype=torch.int64, device=row_lengths.device)
         torch.cumsum(row_lengths, 0, out=splits[1:])
         return cls.from_row_splits(values, splits)
@@ -114,6 +125,10 @@ def as_ragged(ids, name: str = "ids") -> RaggedTensor:
     if isinstance(ids, torch.Tensor) and ids.is_nested:
         if ids.layout != torch.jagged:
             raise TypeError(f"{name}: only torch.jagged nested tensors are supported, got {ids.layout}")
+        if ids.lengths() is not None:
+            # A jagged tensor with holes (e.g. from torch.nested.narrow): its
+            # offsets are row starts, not splits; pack it first.
+            ids = ids.contiguous()
         return RaggedTensor(ids.values(), ids.offsets())
     raise TypeError(f"{name} must be a RaggedTensor or a torch.nested jagged tensor, got {type(ids).__name__}")
 
