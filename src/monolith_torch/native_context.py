@@ -57,16 +57,20 @@ class NativeContext:
             raise RuntimeError("this NativeContext has neither a feature_factory nor a layout_factory")
         return owner
 
+    @property
+    def has_embeddings(self) -> bool:
+        """Whether a feature or layout factory backs this context."""
+        return self.feature_factory is not None or self.layout_factory is not None
+
     def create_feature_slot(self, config: FeatureSlotConfig) -> FeatureSlot:
         """Creates a slot through whichever factory this context holds."""
         return self._embedding_owner().create_feature_slot(config)
 
     def apply_embedding_gradients(self, grads_and_vars: Iterable[tuple[torch.Tensor, torch.Tensor]], scale=1):
         """Hands embedding gradients (multiplied by ``scale`` in the update) to the factory."""
-        grads_and_vars = list(grads_and_vars)
-        if not grads_and_vars:
-            return None
-        return self._embedding_owner().apply_gradients(grads_and_vars, scale)
+        # Empty lists are passed on too: a replicated or sharded store updates
+        # collectively, and every rank must take part in every step.
+        return self._embedding_owner().apply_gradients(list(grads_and_vars), scale)
 
     def add_async_function(self, target, args=None, kwargs=None, is_async=None, queue_name="async_queue", **options):
         """Runs ``target`` now or one step later; see ``AsyncFunctionMgr.add_async_function``."""

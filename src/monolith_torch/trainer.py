@@ -1,0 +1,367 @@
+"""The training job behind ``monolith-torch train``/``eval``/``predict``.
+
+One process or many (``torchrun``): each rank reads every world-th batch,
+dense gradients are averaged with the allreduce path, embedding tables are
+replicated and receive identical updates, rank 0 writes logs and checkpoints.
+Every step the ranks agree (one tiny allreduce) on whether all of them still
+have data and no one was asked to stop, so they always leave the loop together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from monolith_torch import entry
+from monolith_torch.checkpoint import restore_checkpoint, save_checkpoint
+from monolith_torch.data import (
+    Batch,
+    DataError,
+    ReadStats,
+    expand_paths,
+    generate_criteo,
+    read_batches,
+)
+from monolith_torch.feature_utils import apply_gradients_with_var_optimizer
+from monolith_torch.hash_table_factory import HashTableFeatureFactory
+from monolith_torch.metrics import StreamingAUC, auc, log_loss
+from monolith_torch.model import CtrModel
+from monolith_torch.native_context import NativeContext
+from monolith_torch.step_types import GradClipType
+from monolith_torch.train_config import ConfigError, TrainConfig
+
+__all__ = ["Trainer", "RunPaths", "check_run_dir", "init_distributed", "state_digest", "StopRequested"]
+
+logger = logging.getLogger("monolith_torch.trainer")
+
+_KEEP_CHECKPOINTS = 3
+
+
+class StopRequested(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving; ``exit_code`` is 128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.exit_code = 128 + signum
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+    root: str
+
+    @property
+    def checkpoints(self) -> str:
+        return os.path.join(self.root, "checkpoints")
+
+    @property
+    def tensorboard(self) -> str:
+        return os.path.join(self.root, "tb")
+
+    @property
+    def data(self) -> str:
+        return os.path.join(self.root, "data")
+
+    @property
+    def log(self) -> str:
+        return os.path.join(self.root, "train.log")
+
+    def checkpoint(self, step: int) -> str:
+        return os.path.join(self.checkpoints, f"ckpt-{step:010d}.pt")
+
+    def latest_checkpoint(self) -> str | None:
+        if not os.path.isdir(self.checkpoints):
+            return None
+        names = sorted(n for n in os.listdir(self.checkpoints) if n.startswith("ckpt-") and n.endswith(".pt"))
+        return os.path.join(self.checkpoints, names[-1]) if names else None
+
+
+def check_run_dir(run_dir: str) -> None:
+    """Raises ``ConfigError`` unless ``run_dir`` exists as a writable directory or can be created."""
+    path = os.path.abspath(run_dir)
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ConfigError(f"Invalid run_dir: {run_dir!r} ({probe!r} is not a directory)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"Invalid run_dir: {run_dir!r} ({probe!r} is not writable)")
+
+
+def init_distributed(timeout_s: float) -> tuple[int, int]:
+    """Joins the ``torchrun`` process group when ``WORLD_SIZE`` > 1; returns (rank, world size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def state_digest(factory: HashTableFeatureFactory, model: torch.nn.Module) -> str:
+    """sha256 of the model's parameters and every table's rows (sorted by id) with optimizer state.
+
+    Independent of the order in which rows were inserted, so replicas that
+    hold the same state give the same digest.
+    """
+    h = hashlib.sha256()
+    for name, table in sorted(factory.tables.items()):
+        state = table.state_dict()
+        order = torch.argsort(state["keys"])
+        h.update(name.encode())
+        for key in sorted(k for k in state if k == "keys" or k == "values" or k.startswith("state.")):
+            h.update(state[key][order].contiguous().numpy().tobytes())
+    for name, p in model.state_dict().items():
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _dense_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = list(model.named_parameters())
+    if cfg.dense_optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.dense_lr)
+    if cfg.dense_optimizer == "adagrad":
+        return torch.optim.Adagrad(params, lr=cfg.dense_lr)
+    return torch.optim.SGD(params, lr=cfg.dense_lr)
+
+
+class Trainer:
+    """Builds the model and runs train / eval / predict for one ``TrainConfig``."""
+
+    def __init__(self, cfg: TrainConfig, rank: int = 0, world: int = 1, show_progress: bool = True):
+        self.cfg = cfg
+        self.rank, self.world = rank, world
+        self.paths = RunPaths(cfg.run_dir)
+        self.show_progress = show_progress and rank == 0
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.factory = HashTableFeatureFactory(seed=cfg.seed)
+        self.ctx = NativeContext(feature_factory=self.factory)
+        self.model = CtrModel(
+            self.ctx, emb_dim=cfg.emb_dim, seq_len=cfg.seq_len, hidden=cfg.hidden,
+            vec_optimizer=entry.AdagradOptimizer(learning_rate=cfg.vec_lr, initial_accumulator_value=1.0),
+            bias_optimizer=entry.FtrlOptimizer(learning_rate=cfg.bias_lr, initial_accumulator_value=1e-6, beta=1.0),
+        )
+        self.optimizer = _dense_optimizer(cfg, self.model)
+        self.global_step = torch.zeros((), dtype=torch.int64)
+        self.stats = ReadStats()
+        self._stop_signal = 0
+
+    # ------------------------------------------------------------ data
+
+    def train_paths(self) -> list[str]:
+        if self.cfg.data:
+            return expand_paths(self.cfg.data)
+        return [os.path.join(self.paths.data, "train.tsv")]
+
+    def eval_paths(self) -> list[str]:
+        if self.cfg.eval_data:
+            return expand_paths(self.cfg.eval_data)
+        if self.cfg.data:
+            return []
+        return [os.path.join(self.paths.data, "eval.tsv")]
+
+    def prepare_data(self) -> None:
+        """Writes the embedded default dataset on first use (rank 0; the others wait)."""
+        if not self.cfg.data and self.rank == 0:
+            os.makedirs(self.paths.data, exist_ok=True)
+            for name, rows, part in (
+                ("train.tsv", self.cfg.generated_train_rows, 0),
+                ("eval.tsv", self.cfg.generated_eval_rows, 1),
+            ):
+                path = os.path.join(self.paths.data, name)
+                if not os.path.exists(path):
+                    logger.info("generating %d rows of Criteo-format data into %s", rows, path)
+                    generate_criteo(path, rows, seed=self.cfg.seed, part=part)
+        if self.world > 1:
+            dist.barrier()
+
+    def _own_batches(self, skip: int) -> Iterator[Batch]:
+        """This rank's batches (every world-th), over all epochs, after the first ``skip`` of them."""
+        paths = self.train_paths()
+        own = 0
+        for _ in range(self.cfg.epochs):
+            for i, batch in enumerate(read_batches(paths, self.cfg.batch_size, self.stats, self.cfg.strict)):
+                if i % self.world != self.rank:
+                    continue
+                own += 1
+                if own > skip:
+                    yield batch
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save(self) -> str | None:
+        if self.rank != 0:
+            self.ctx.async_function_mgr.flush()
+            return None
+        os.makedirs(self.paths.checkpoints, exist_ok=True)
+        path = self.paths.checkpoint(int(self.global_step))
+        save_checkpoint(path, self.ctx, self.model, self.optimizer, self.global_step)
+        names = sorted(n for n in os.listdir(self.paths.checkpoints) if n.startswith("ckpt-") and n.endswith(".pt"))
+        for old in names[:-_KEEP_CHECKPOINTS]:
+            os.remove(os.path.join(self.paths.checkpoints, old))
+        return path
+
+    def restore_latest(self, required: bool) -> int:
+        path = self.paths.latest_checkpoint()
+        if path is None:
+            if required:
+                raise ConfigError(f"no checkpoint in {self.paths.checkpoints!r}; train first")
+            return 0
+        restore_checkpoint(path, self.ctx, self.model, self.optimizer, self.global_step)
+        logger.info("restored %s (global step %d)", path, int(self.global_step))
+        return int(self.global_step)
+
+    # ------------------------------------------------------------ training
+
+    def _request_stop(self, signum, _frame) -> None:
+        self._stop_signal = signum
+        # A second signal falls through to the default behaviour.
+        signal.signal(signum, signal.SIG_DFL)
+
+    def _agree_to_continue(self, have_batch: bool) -> bool:
+        go = have_batch and not self._stop_signal
+        if self.world == 1:
+            return go
+        flag = torch.tensor([1 if go else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        stop = torch.tensor([self._stop_signal], dtype=torch.int32)
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        self._stop_signal = int(stop.item())
+        return bool(flag.item())
+
+    def train(self) -> dict:
+        """Trains (resuming when asked), checkpoints, evaluates; returns the final metrics."""
+        cfg = self.cfg
+        self.prepare_data()
+        start = self.restore_latest(required=False) if cfg.resume else 0
+        writer = None
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(self.paths.tensorboard)
+        handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            metrics = self._train_loop(start, writer)
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        path = self.save()
+        if self._stop_signal:
+            if writer is not None:
+                writer.close()
+            logger.info("stopped by signal %d at step %d; checkpoint %s", self._stop_signal, int(self.global_step), path)
+            raise StopRequested(self._stop_signal)
+        if self.rank == 0 and self.eval_paths():
+            metrics.update({f"eval_{k}": v for k, v in self.evaluate().items()})
+        if writer is not None:
+            for key in ("eval_auc", "eval_log_loss"):
+                if key in metrics:
+                    writer.add_scalar(key, metrics[key], int(self.global_step))
+            writer.close()
+        metrics["malformed_lines"] = self.stats.skipped
+        metrics["data_summary"] = self.stats.summary()
+        metrics["checkpoint"] = path
+        metrics["state_digest"] = state_digest(self.factory, self.model)
+        if self.rank == 0:
+            with open(os.path.join(cfg.run_dir, "metrics.json"), "w") as f:
+                json.dump(metrics, f, indent=2)
+        return metrics
+
+    def _train_loop(self, start: int, writer) -> dict:
+        cfg = self.cfg
+        batches = self._own_batches(skip=start)
+        logger.info("training from step %d on %d file(s)", start, len(self.train_paths()))
+        running_auc = StreamingAUC()
+        loss_sum, seen, step = 0.0, 0, start
+        t0 = time.perf_counter()
+        bar = tqdm(total=None, unit="ex", unit_scale=True, disable=not self.show_progress, mininterval=1.0,
+                   desc="train")
+        while not cfg.max_steps or step < cfg.max_steps:
+            batch = next(batches, None)
+            if not self._agree_to_continue(batch is not None):
+                break
+            loss, probs = self._train_step(batch, writer, step)
+            step += 1
+            loss_value = float(loss)
+            loss_sum += loss_value * len(batch)
+            seen += len(batch)
+            running_auc.update(probs, batch.labels)
+            bar.update(len(batch) * self.world)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss_value:.4f}", auc=f"{running_auc.result():.4f}", step=step)
+            if writer is not None and step % cfg.summary_every == 0:
+                writer.add_scalar("loss", loss_value, step)
+                writer.add_scalar("train_auc", running_auc.result(), step)
+                writer.add_scalar("examples_per_sec", seen * self.world / (time.perf_counter() - t0), step)
+            if step % cfg.checkpoint_every == 0:
+                self.save()
+        bar.close()
+        self.ctx.async_function_mgr.flush()
+        elapsed = time.perf_counter() - t0
+        return {
+            "steps": int(self.global_step),
+            "train_examples": seen * self.world,
+            "train_auc": running_auc.result(),
+            "train_log_loss": loss_sum / seen if seen else float("nan"),
+            "examples_per_sec": seen * self.world / elapsed if elapsed > 0 else 0.0,
+            "seconds": elapsed,
+        }
+
+    def _train_step(self, batch: Batch, writer, step: int):
+        summarize = writer is not None and (step + 1) % self.cfg.summary_every == 0
+        self.ctx.summary_writer = writer if summarize else None
+        self.factory.lookup(batch.sparse)
+        logits = self.model(batch)
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        apply_gradients_with_var_optimizer(
+            self.ctx, self.model.columns, self.optimizer, loss,
+            clip_type=GradClipType.ClipByGlobalNorm, clip_norm=self.cfg.clip_norm, global_step=self.global_step,
+            grads_and_vars_summary=summarize, use_allreduce=self.world > 1,
+            dense_weight_decay=self.cfg.dense_weight_decay, model=self.model,
+        )
+        return loss.detach(), torch.sigmoid(logits.detach())
+
+    # ------------------------------------------------------------ eval / predict
+
+    @torch.no_grad()
+    def _scores(self, paths: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, labels = [], []
+        for batch in read_batches(paths, self.cfg.eval_batch_size, ReadStats(), self.cfg.strict):
+            self.factory.lookup(batch.sparse, training=False)
+            scores.append(torch.sigmoid(self.model(batch)))
+            labels.append(batch.labels)
+        if not scores:
+            raise DataError(f"no rows to score in {paths}")
+        return torch.cat(scores), torch.cat(labels)
+
+    def evaluate(self, paths: list[str] | None = None) -> dict:
+        """AUC and log-loss of the current model on held-out data."""
+        probs, labels = self._scores(paths if paths is not None else self.eval_paths())
+        return {"auc": auc(probs, labels), "log_loss": log_loss(probs, labels), "examples": int(labels.numel())}
+
+    def predict(self, paths: list[str], output: str) -> int:
+        """Writes ``score<TAB>label`` per input row to ``output`` (atomically); returns the row count."""
+        probs, labels = self._scores(paths)
+        tmp = f"{output}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(f"{p:.6f}\t{int(y)}\n" for p, y in zip(probs.tolist(), labels.tolist(), strict=True))
+        os.replace(tmp, output)
+        return int(probs.numel())
