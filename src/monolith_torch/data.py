@@ -158,8 +158,8 @@ def _make_world(seed: int) -> _World:
     return _World(vocab, missing, weights, pair, dense_w)
 
 
-def _generate_rows(world: _World, rng: np.random.Generator, n: int, seed: int) -> dict[str, np.ndarray]:
-    cols: dict[str, np.ndarray] = {}
+def _generate_rows(world: _World, rng: np.random.Generator, n: int, seed: int) -> dict[str, pa.Array]:
+    cols: dict[str, pa.Array] = {}
     logit = np.full(n, -1.2)
     idx = np.empty((n, NUM_CAT), dtype=np.int64)
     for f in range(NUM_CAT):
@@ -168,19 +168,31 @@ def _generate_rows(world: _World, rng: np.random.Generator, n: int, seed: int) -
         present = rng.random(n) >= world.missing[f]
         logit += np.where(present, world.weights[f][idx[:, f]], 0.0)
         hex_ids = _mix(idx[:, f].astype(np.uint64) * np.uint64(NUM_CAT) + np.uint64(f) + np.uint64(seed << 20))
-        hex_ids &= np.uint64(0xFFFFFFFF)
-        text = np.char.mod("%08x", hex_ids.astype(np.int64))
-        cols[CAT_COLUMNS[f]] = np.where(present, text, "")
+        cols[CAT_COLUMNS[f]] = _where_present(present, _hex8(hex_ids))
     # A planted interaction between the first two features (think user x item).
     logit += world.pair[idx[:, 0] % 32, idx[:, 1] % 32]
     counts = np.floor(rng.lognormal(1.0, 1.2, (n, NUM_INT))).astype(np.int64)
     logit += (np.log1p(counts) - 1.3) @ world.dense_w
     for j, name in enumerate(INT_COLUMNS):
         present = rng.random(n) >= 0.1
-        cols[name] = np.where(present, counts[:, j].astype(str), "")
+        cols[name] = _where_present(present, pa.array(counts[:, j]).cast(pa.string()))
     labels = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
-    cols["label"] = labels.astype(str)
+    cols["label"] = pa.array(labels).cast(pa.string())
     return cols
+
+
+_HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+
+
+def _hex8(values: np.ndarray) -> pa.Array:
+    """The low 32 bits of ``values`` as 8-digit lower-case hex strings (vectorized)."""
+    shifts = np.arange(28, -1, -4, dtype=np.uint64)
+    digits = _HEX_DIGITS[((values[:, None] >> shifts[None, :]) & np.uint64(0xF)).astype(np.intp)]
+    return pa.array(np.ascontiguousarray(digits).view("S8").ravel()).cast(pa.string())
+
+
+def _where_present(present: np.ndarray, text: pa.Array) -> pa.Array:
+    return pc.if_else(pa.array(present), text, pa.scalar("", pa.string()))
 
 
 def generate_criteo(path: str, num_rows: int, seed: int = 0, part: int = 0, chunk_rows: int = 100_000) -> str:
