@@ -20,7 +20,10 @@ from monolith_torch.feature import (
     FeatureSlotConfig,
     create_embedding_slices,
 )
+from monolith_torch.checkpoint import CheckpointError, restore_checkpoint, save_checkpoint
+from monolith_torch.embedding_table import EmbeddingTable
 from monolith_torch.feature_utils import apply_gradients, apply_gradients_with_var_optimizer
+from monolith_torch.hash_table_factory import HashTableFeatureFactory
 from monolith_torch.native_context import NativeContext
 from monolith_torch.ragged import RaggedTensor
 from monolith_torch.seq_mask import gen_seq_mask
@@ -31,6 +34,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AllreduceConfig",
     "AsyncFunctionMgr",
+    "CheckpointError",
+    "EmbeddingTable",
     "EmbeddingLayoutFactory",
     "FeatureColumn",
     "FeatureColumnV1",
@@ -41,6 +46,7 @@ __all__ = [
     "FeatureSlotConfig",
     "FirstN",
     "GradClipType",
+    "HashTableFeatureFactory",
     "NativeContext",
     "RaggedTensor",
     "ReduceMean",
@@ -55,4 +61,6 @@ __all__ = [
     "embedding_combiners",
     "entry",
     "gen_seq_mask",
+    "restore_checkpoint",
+    "save_checkpoint",
 ]
