@@ -12,7 +12,9 @@ as Monolith). The tables are pre-filled with the most popular ids so they hold
 ``--rows`` rows in total (default 10M), then keep growing with the stream.
 
 Run: ``.venv/bin/python bench/bench_hash_table.py`` (``--rows 2000000`` for a
-quicker run). Prints one line per figure and the ratio our step / baseline step.
+quicker run; ``--shared`` puts all features in one table, so each step makes
+one call of 106K ids instead of 26 calls of 4096). Prints one line per figure
+and the ratio our step / baseline step.
 """
 
 from __future__ import annotations
@@ -43,16 +45,17 @@ def _zipf(rng: np.random.Generator, n: int) -> np.ndarray:
     return out[:n]
 
 
-def _make_tables(features: int, dim: int, rows_per_table: int) -> list[EmbeddingTable]:
+def _make_tables(groups: list[list[int]], dim: int, rows_per_feature: int) -> list[EmbeddingTable]:
     seg = entry.Segment(dim, entry.RandomUniformInitializer(), entry.AdagradOptimizer(
         learning_rate=0.01, initial_accumulator_value=0.1), entry.Fp32Compressor())
     tables = []
-    for f in range(features):
-        t = EmbeddingTable(name=f"f{f}", slot_id=f, seed=0, expected_rows=rows_per_table)
+    for g, feats in enumerate(groups):
+        t = EmbeddingTable(name=f"t{g}", slot_id=g, seed=0)
         t.add_feature_slice(seg)
-        head = torch.from_numpy(_rank_to_id(np.arange(1, rows_per_table + 1), f))
-        for chunk in head.split(1 << 20):
-            t.lookup_rows(chunk, insert=True)
+        for f in feats:
+            head = torch.from_numpy(_rank_to_id(np.arange(1, rows_per_feature + 1), f))
+            for chunk in head.split(1 << 20):
+                t.lookup_rows(chunk, insert=True)
         tables.append(t)
     return tables
 
@@ -95,28 +98,34 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=16)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--shared", action="store_true",
+                        help="one table for all features (one call per step) instead of one per feature")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
-    per_table = args.rows // args.features
+    per_feature = args.rows // args.features
+    groups = [list(range(args.features))] if args.shared else [[f] for f in range(args.features)]
 
     t0 = time.perf_counter()
-    tables = _make_tables(args.features, args.dim, per_table)
+    tables = _make_tables(groups, args.dim, per_feature)
     fill_s = time.perf_counter() - t0
     n_steps = args.warmup + args.steps
-    raw = [[_rank_to_id(_zipf(rng, args.batch), f) for f in range(args.features)] for _ in range(n_steps)]
+    raw = [
+        [np.concatenate([_rank_to_id(_zipf(rng, args.batch), f) for f in feats]) for feats in groups]
+        for _ in range(n_steps)
+    ]
     batches = [[torch.from_numpy(x) for x in b] for b in raw]
 
     # Baseline: ids remapped to 0..n-1 beforehand, tables pre-sized for every id the run will see.
-    bags, remapped = [], [[None] * args.features for _ in range(n_steps)]
-    for f in range(args.features):
-        head = _rank_to_id(np.arange(1, per_table + 1), f)
-        vocab = np.unique(np.concatenate([head] + [raw[s][f] for s in range(n_steps)]))
+    bags, remapped = [], [[None] * len(groups) for _ in range(n_steps)]
+    for g, feats in enumerate(groups):
+        heads = [_rank_to_id(np.arange(1, per_feature + 1), f) for f in feats]
+        vocab = np.unique(np.concatenate(heads + [raw[s][g] for s in range(n_steps)]))
         for s in range(n_steps):
-            remapped[s][f] = torch.from_numpy(np.searchsorted(vocab, raw[s][f]))
+            remapped[s][g] = torch.from_numpy(np.searchsorted(vocab, raw[s][g]))
         bags.append(torch.nn.EmbeddingBag(vocab.size, args.dim, mode="sum", sparse=True))
     opt = torch.optim.Adagrad([b.weight for b in bags], lr=0.01, initial_accumulator_value=0.1)
-    offsets = torch.arange(args.batch)
+    offsets = torch.arange(args.batch * len(groups[0]))
     weight = torch.randn(args.dim)
 
     ours = {"lookup": [], "backward": [], "update": [], "step": []}
@@ -135,7 +144,8 @@ def main() -> None:
             parts[k] = parts.get(k, 0) + v
     med = {k: statistics.median(v) for k, v in ours.items()}
     base_med = statistics.median(base["step"])
-    print(f"rows after run: {rows:,} ({args.features} tables; pre-fill {fill_s:.1f} s)")
+    print(f"threads: {torch.get_num_threads()}; tables: {len(tables)} ({'shared' if args.shared else 'one per feature'})")
+    print(f"rows after run: {rows:,} (pre-fill {fill_s:.1f} s)")
     print(f"lookup: {ids_per_step / med['lookup'] / 1e6:.2f} M ids/s (median {med['lookup'] * 1e3:.1f} ms/step)")
     print(f"update: {ids_per_step / med['update'] / 1e6:.2f} M ids/s (median {med['update'] * 1e3:.1f} ms/step)")
     print(f"backward through gathered rows: {med['backward'] * 1e3:.1f} ms/step")

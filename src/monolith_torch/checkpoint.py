@@ -75,7 +75,8 @@ def save_checkpoint(path, ctx, model=None, optimizer=None, global_step=None) -> 
     """Writes tables, dense model, dense optimizer and global step to ``path`` atomically.
 
     Pending async functions of ``ctx`` run first, so the file holds the state
-    after every queued update.
+    after every queued update; then expired rows are evicted from the tables
+    (as Monolith does when it saves).
 
     Args:
         path: the checkpoint file; its directory must exist.
@@ -95,6 +96,9 @@ def save_checkpoint(path, ctx, model=None, optimizer=None, global_step=None) -> 
     if ctx is not None and getattr(ctx, "async_function_mgr", None) is not None:
         ctx.async_function_mgr.flush()
     owner = _table_owner(ctx)
+    if owner is not None and hasattr(owner, "evict_expired"):
+        # As Monolith: rows past their expire_time are dropped when saving.
+        owner.evict_expired()
     payload = {
         "format": _FORMAT,
         "tables": owner.state_dict() if owner is not None else None,

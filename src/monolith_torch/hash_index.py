@@ -3,13 +3,15 @@
 The index behind each collisionless embedding table (Monolith keeps a cuckoo
 hash map in C++). Here the map is two flat tensors, ``keys`` [C] int64 and
 ``slots`` [C] int32 (the row of each occupied slot, ``-1`` empty, ``-2``
-removed), probed linearly. Every operation works on a whole batch of ids at
-once: one probing *round* tests all still-unresolved ids against their current
-slot with a handful of tensor ops, then moves the unresolved ones one slot on.
+removed), probed linearly bucket by bucket. Every operation works on a whole
+batch of ids at once: one probing *round* tests all still-unresolved ids
+against their current bucket with a handful of tensor ops, then moves the
+unresolved ones one bucket on.
 Ids are never Python objects and no Python loop runs over ids; the loop runs
 over rounds, whose count is the longest probe sequence in the batch.
 
-Memory: 12 bytes per slot; the table doubles when live + removed entries
+Slots are grouped in buckets of 8 (one 64-byte cache line of keys), so one
+round compares an id with a whole bucket. Memory: 12 bytes per slot; the table doubles when live + removed entries
 exceed ``max_load`` (default 0.75) of the slots, so it holds between 16 and 32
 bytes per live row (see docs/perf/hash_table.md for the measured options).
 """
@@ -25,6 +27,7 @@ _REMOVED = -2
 # Fibonacci hashing: the high bits of key * 2^64/phi spread nearby ids apart.
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 _MIX = 0xFF51AFD7ED558CCD - (1 << 64)
+_BUCKET = 8
 _MIN_CAPACITY = 16
 
 
@@ -76,18 +79,23 @@ class HashIndex:
 
     def _alloc(self, capacity: int) -> None:
         self._capacity = capacity
-        self._bits = capacity.bit_length() - 1
+        self._num_buckets = capacity // _BUCKET
+        self._bits = self._num_buckets.bit_length() - 1
         self._keys = torch.zeros(capacity, dtype=torch.int64, device=self._device)
         self._slots = torch.full((capacity,), _EMPTY, dtype=torch.int32, device=self._device)
+        # [buckets, 8] views: one bucket of keys is one 64-byte cache line.
+        self._bkeys = self._keys.view(self._num_buckets, _BUCKET)
+        self._bslots = self._slots.view(self._num_buckets, _BUCKET)
 
     def _home(self, keys: torch.Tensor) -> torch.Tensor:
+        """Home bucket of each key."""
         # A multiply-xorshift mix before Fibonacci hashing, so structured ids
         # (arithmetic progressions, ids with common low bits) still spread out.
         # Arithmetic shifts are fine here: any fixed bijective mix will do.
         x = keys * _MIX
         x = (x ^ (x >> 32)) * _GOLDEN
-        # Arithmetic shift, then mask: the top ``bits`` bits as a slot number.
-        return (x >> (64 - self._bits)) & (self._capacity - 1)
+        # Arithmetic shift, then mask: the top ``bits`` bits as a bucket number.
+        return (x >> (64 - self._bits)) & (self._num_buckets - 1)
 
     # -- queries -----------------------------------------------------------
 
@@ -127,36 +135,35 @@ class HashIndex:
         self._probe(keys, out)
         return out
 
-    def _probe(self, keys: torch.Tensor, out: torch.Tensor) -> None:
-        # Round 1 tests each id's home slot; later rounds test a window of
-        # following slots at once (8x wider each round, capped), so a long
-        # probe sequence costs a few rounds, not one round per slot. Adjacent
-        # slots share cache lines, so a window costs little more memory traffic
-        # than one slot.
-        mask = self._capacity - 1
-        pos = self._home(keys)
-        slot = self._slots.index_select(0, pos)
-        found = (self._keys.index_select(0, pos) == keys) & (slot >= 0)
-        out.copy_(torch.where(found, slot, -1))
-        # Unresolved: neither found nor stopped by an empty slot.
-        pending = ((slot != _EMPTY) ^ found).nonzero().squeeze(1)
-        if pending.numel() == 0:
-            return
-        idx, keys, pos = pending, keys.index_select(0, pending), pos.index_select(0, pending) + 1
-        width = 8
-        while idx.numel():
-            window = (pos[:, None] + torch.arange(width, device=self._device)) & mask
-            slot = self._slots.take(window)
-            found = (self._keys.take(window) == keys[:, None]) & (slot >= 0)
-            stop = found | (slot == _EMPTY)
-            first = stop.to(torch.uint8).argmax(1, keepdim=True)
-            hit = found.gather(1, first).squeeze(1)
-            row = slot.gather(1, first).squeeze(1).long()
-            done = stop.any(1)
-            out[idx] = torch.where(hit, row, -1)
-            pending = (~done).nonzero().squeeze(1)
-            idx, keys, pos = idx[pending], keys[pending], pos[pending] + width
-            width = min(8 * width, 512)
+    def _probe(self, keys: torch.Tensor, out: torch.Tensor, want_slot: bool = False) -> None:
+        # Each round reads one whole bucket per id (8 keys: one cache line)
+        # and compares them at once. An id lives in the first bucket from its
+        # home that had a free slot when it was inserted, so a bucket holding
+        # an empty slot ends the search; at the default load nearly every id
+        # resolves in the first round.
+        bmask = self._num_buckets - 1
+        bucket = self._home(keys)
+        idx = None
+        while True:
+            bslots = self._bslots.index_select(0, bucket)
+            found = (self._bkeys.index_select(0, bucket) == keys[:, None]) & (bslots >= 0)
+            hit = found.any(1)
+            j = found.to(torch.uint8).argmax(1, keepdim=True)
+            if want_slot:
+                res = torch.where(hit, bucket * _BUCKET + j.squeeze(1), -1)
+            else:
+                res = torch.where(hit, bslots.gather(1, j).squeeze(1).long(), -1)
+            if idx is None:
+                out.copy_(res)
+            else:
+                out.index_copy_(0, idx, res)
+            full = ~(bslots == _EMPTY).any(1)
+            pending = (full & ~hit).nonzero().squeeze(1)
+            if pending.numel() == 0:
+                return
+            idx = pending if idx is None else idx.index_select(0, pending)
+            keys = keys.index_select(0, pending)
+            bucket = (bucket.index_select(0, pending) + 1) & bmask
 
     def items(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys [R], rows [R]) of the live entries, ordered by row."""
@@ -190,7 +197,7 @@ class HashIndex:
             self._num_rows, self._num_rows + new_keys.numel(), dtype=torch.int64, device=self._device
         )
         self._reserve(new_keys.numel())
-        self._place(new_keys, new_rows)
+        self._place(new_keys, new_rows, fresh=self._num_live == 0 and self._num_removed == 0)
         self._num_live += new_keys.numel()
         self._num_rows += new_keys.numel()
         rows.index_copy_(0, miss_idx, new_rows.index_select(0, torch.searchsorted(new_keys, missed)))
@@ -206,25 +213,37 @@ class HashIndex:
         self._alloc(capacity)
         self._num_removed = 0
         if keys.numel():
-            self._place(keys, rows)
+            self._place(keys, rows, fresh=True)
 
-    def _place(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
+    def _place_fresh(self, keys, rows32, bucket):
+        # Into an empty table (rehash, rebuild): sort by bucket, and the i-th
+        # id of a bucket takes slot i; no races. Returns the overflow (more
+        # than 8 ids for one bucket) for the general rounds.
+        order = torch.argsort(bucket, stable=True)
+        bucket, keys, rows32 = bucket[order], keys[order], rows32[order]
+        rank = torch.arange(keys.numel(), device=self._device) - torch.searchsorted(bucket, bucket)
+        fits = rank < _BUCKET
+        pos = (bucket * _BUCKET + rank)[fits]
+        self._keys.index_copy_(0, pos, keys[fits])
+        self._slots.index_copy_(0, pos, rows32[fits])
+        over = (~fits).nonzero().squeeze(1)
+        return keys[over], rows32[over], bucket[over]
+
+    def _place(self, keys: torch.Tensor, rows: torch.Tensor, fresh: bool = False) -> None:
         # ``keys`` are distinct and absent, so any empty or removed slot will do.
-        # Each id takes the first free slot in its window; racing ids write
-        # their key, read it back, and only the id whose key stayed claims the
-        # slot. Losers retry from that slot, ids without a free slot in their
-        # window move past it.
-        mask = self._capacity - 1
-        pos = self._home(keys)
+        # Each id takes the first free slot of its bucket; ids racing for one
+        # slot write their key, read it back, and only the id whose key stayed
+        # claims it. Losers retry the same bucket; ids whose bucket is full
+        # move to the next one.
+        bmask = self._num_buckets - 1
+        bucket = self._home(keys)
         rows32 = rows.to(torch.int32)
-        width = 1
+        if fresh:
+            keys, rows32, bucket = self._place_fresh(keys, rows32, bucket)
         while keys.numel():
-            if width == 1:
-                free = (self._slots.index_select(0, pos) < 0)[:, None]
-            else:
-                free = self._slots.take((pos[:, None] + torch.arange(width, device=self._device)) & mask) < 0
+            free = self._bslots.index_select(0, bucket) < 0
             has_free = free.any(1)
-            target = (pos + free.to(torch.uint8).argmax(1)) & mask
+            target = bucket * _BUCKET + free.to(torch.uint8).argmax(1)
             cand = has_free.nonzero().squeeze(1)
             tpos = target.index_select(0, cand)
             ckeys = keys.index_select(0, cand)
@@ -234,9 +253,8 @@ class HashIndex:
             self._slots.index_copy_(0, tpos[won], rows32.index_select(0, win))
             keep = torch.ones(keys.shape, dtype=torch.bool, device=self._device).index_fill_(0, win, False)
             keep = keep.nonzero().squeeze(1)
-            pos = torch.where(has_free, target, pos + width).index_select(0, keep)
+            bucket = torch.where(has_free, bucket, (bucket + 1) & bmask).index_select(0, keep)
             keys, rows32 = keys.index_select(0, keep), rows32.index_select(0, keep)
-            width = min(8 * width, 512)
 
     def _live(self) -> tuple[torch.Tensor, torch.Tensor]:
         live = (self._slots >= 0).nonzero().squeeze(1)
@@ -250,16 +268,12 @@ class HashIndex:
         present = rows >= 0
         if not bool(present.any()):
             return rows
-        # Find the slots again: probe for the slot whose row matches.
         gone = keys[present]
-        mask = self._capacity - 1
-        pos = self._home(gone)
-        while gone.numel():
-            hit = (self._keys[pos] == gone) & (self._slots[pos] >= 0)
-            self._slots[pos[hit]] = _REMOVED
-            keep = (~hit).nonzero().squeeze(1)
-            gone, pos = gone[keep], (pos[keep] + 1) & mask
-        n = int(present.sum())
+        pos = torch.empty_like(gone)
+        self._probe(gone, pos, want_slot=True)
+        # Removed, not empty: probes for ids stored further on must not stop here.
+        self._slots.index_fill_(0, pos, _REMOVED)
+        n = gone.numel()
         self._num_live -= n
         self._num_removed += n
         return rows
@@ -297,7 +311,7 @@ class HashIndex:
         self._num_removed = 0
         self._num_rows = int(num_rows)
         if n:
-            self._place(keys, rows)
+            self._place(keys, rows, fresh=True)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The live (keys, rows) pairs; the slot layout is rebuilt on load."""
