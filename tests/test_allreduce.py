@@ -1,0 +1,429 @@
+"""Single-process tests for AllreduceConfig and allreduce_cond (multi-process ones in tests/distributed)."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from monolith_torch import allreduce as ar
+
+HAVE_HOROVOD = importlib.util.find_spec("horovod") is not None
+ENV_VARS = (
+    "MONOLITH_WITH_ALLREDUCE_FUSION",
+    "MONOLITH_WITH_ALLREDUCE_FP16",
+    "MONOLITH_SKIP_ALLREDUCE",
+    "MONOLITH_WITH_HOROVOD",
+    "MONOLITH_WITH_BYTEPS",
+    "MONOLITH_WITH_BYTEPS_ALLREDUCE",
+)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+# --- config ----------------------------------------------------------------------------
+
+
+def test_defaults_are_monoliths():
+    cfg = ar.AllreduceConfig()
+    assert (cfg.fusion, cfg.compression, cfg.backend, cfg.group, cfg.timeout, cfg.skip) == (
+        "none",
+        None,
+        "torch",
+        None,
+        None,
+        False,
+    )
+    with pytest.raises(AttributeError):
+        cfg.fusion = "one"  # frozen
+
+
+def test_multi_is_dropped_with_monoliths_message():
+    with pytest.raises(RuntimeError) as info:
+        ar.AllreduceConfig(fusion="multi")
+    assert (
+        str(info.value) == "Support for multi is dropped. Please use 'one' as the fusion strategy"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        (
+            {"fusion": "fused"},
+            ValueError,
+            r"Invalid fusion: 'fused'; expected one of \('none', 'one', 'grouped'\)",
+        ),
+        ({"fusion": 1}, TypeError, "fusion must be a str"),
+        (
+            {"compression": "fp8"},
+            ValueError,
+            r"Invalid compression: 'fp8'; expected one of \(None, 'fp16', 'bf16'\)",
+        ),
+        (
+            {"backend": "mpi"},
+            ValueError,
+            r"Invalid backend: 'mpi'; expected one of \('torch', 'horovod', 'byteps'\)",
+        ),
+        ({"timeout": 5}, TypeError, "timeout must be a datetime.timedelta"),
+        ({"timeout": datetime.timedelta(0)}, ValueError, "Invalid timeout: 0:00:00"),
+        ({"skip": 1}, TypeError, "skip must be a bool, got int"),
+        (
+            {"group": "world"},
+            TypeError,
+            "group must be a torch.distributed.ProcessGroup or None, got str",
+        ),
+    ],
+)
+def test_config_validation(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        ar.AllreduceConfig(**kwargs)
+
+
+def test_byteps_is_a_clear_not_supported_error():
+    with pytest.raises(NotImplementedError, match="backend='byteps' is not supported"):
+        ar.AllreduceConfig(backend="byteps")
+
+
+@pytest.mark.skipif(HAVE_HOROVOD, reason="horovod is installed")
+def test_horovod_missing_names_the_package():
+    with pytest.raises(ImportError, match=r"horovod\.torch.*pip install horovod"):
+        ar.AllreduceConfig(backend="horovod")
+
+
+# --- from_env --------------------------------------------------------------------------
+
+
+def test_env_is_read_only_by_from_env(clean_env):
+    clean_env.setenv("MONOLITH_WITH_ALLREDUCE_FUSION", "one")
+    assert ar.AllreduceConfig().fusion == "none"
+    assert ar.AllreduceConfig.from_env().fusion == "one"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, {"fusion": "none", "compression": None, "skip": False, "backend": "torch"}),
+        ({"MONOLITH_WITH_ALLREDUCE_FUSION": "one"}, {"fusion": "one"}),
+        ({"MONOLITH_WITH_ALLREDUCE_FUSION": "grouped"}, {"fusion": "grouped"}),
+        ({"MONOLITH_WITH_ALLREDUCE_FUSION": ""}, {"fusion": "none"}),
+        ({"MONOLITH_WITH_ALLREDUCE_FP16": "1"}, {"compression": "fp16"}),
+        ({"MONOLITH_WITH_ALLREDUCE_FP16": "0"}, {"compression": None}),
+        ({"MONOLITH_WITH_ALLREDUCE_FP16": "bf16"}, {"compression": "bf16"}),
+        ({"MONOLITH_SKIP_ALLREDUCE": "1"}, {"skip": True}),
+        ({"MONOLITH_SKIP_ALLREDUCE": "0"}, {"skip": False}),
+        ({"MONOLITH_SKIP_ALLREDUCE": "true"}, {"skip": True}),
+        ({"MONOLITH_WITH_HOROVOD": "0"}, {"backend": "torch"}),
+        (
+            {"MONOLITH_WITH_BYTEPS": "1", "MONOLITH_WITH_BYTEPS_ALLREDUCE": "0"},
+            {"backend": "torch"},
+        ),
+    ],
+)
+def test_from_env_meanings(clean_env, env, expected):
+    for k, v in env.items():
+        clean_env.setenv(k, v)
+    cfg = ar.AllreduceConfig.from_env()
+    for field, value in expected.items():
+        assert getattr(cfg, field) == value, field
+
+
+def test_from_env_reads_an_explicit_mapping(clean_env):
+    cfg = ar.AllreduceConfig.from_env({"MONOLITH_WITH_ALLREDUCE_FUSION": "grouped"})
+    assert cfg.fusion == "grouped"
+    assert ar.AllreduceConfig.from_env().fusion == "none"
+
+
+def test_precedence_override_then_env_then_default(clean_env):
+    clean_env.setenv("MONOLITH_WITH_ALLREDUCE_FUSION", "one")
+    clean_env.setenv("MONOLITH_WITH_ALLREDUCE_FP16", "1")
+    cfg = ar.AllreduceConfig.from_env(fusion="grouped")
+    assert cfg.fusion == "grouped"  # override beats env
+    assert cfg.compression == "fp16"  # env beats default
+    assert cfg.skip is False  # default
+    assert ar.AllreduceConfig.from_env(compression=None).compression is None
+
+
+def test_override_skips_a_bad_env_value(clean_env):
+    clean_env.setenv("MONOLITH_WITH_ALLREDUCE_FUSION", "bogus")
+    assert ar.AllreduceConfig.from_env(fusion="one").fusion == "one"
+    clean_env.setenv("MONOLITH_WITH_HOROVOD", "1")
+    assert ar.AllreduceConfig.from_env(fusion="one", backend="torch").backend == "torch"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "match"),
+    [
+        (
+            "MONOLITH_WITH_ALLREDUCE_FUSION",
+            "fused",
+            r"Invalid MONOLITH_WITH_ALLREDUCE_FUSION='fused'; expected one of \('none', 'one', 'grouped'\)",
+        ),
+        (
+            "MONOLITH_WITH_ALLREDUCE_FP16",
+            "yes please",
+            r"Invalid MONOLITH_WITH_ALLREDUCE_FP16='yes please'; expected one of '0'",
+        ),
+        (
+            "MONOLITH_SKIP_ALLREDUCE",
+            "maybe",
+            r"Invalid MONOLITH_SKIP_ALLREDUCE='maybe'; expected an integer",
+        ),
+        ("MONOLITH_WITH_HOROVOD", "hvd", r"Invalid MONOLITH_WITH_HOROVOD='hvd'"),
+        ("MONOLITH_WITH_BYTEPS", "x", r"Invalid MONOLITH_WITH_BYTEPS='x'"),
+        ("MONOLITH_WITH_BYTEPS_ALLREDUCE", "x", r"Invalid MONOLITH_WITH_BYTEPS_ALLREDUCE='x'"),
+    ],
+)
+def test_from_env_bad_values_name_the_variable(clean_env, name, value, match):
+    clean_env.setenv(name, value)
+    with pytest.raises(ValueError, match=match):
+        ar.AllreduceConfig.from_env()
+
+
+def test_from_env_multi_raises_monoliths_error(clean_env):
+    clean_env.setenv("MONOLITH_WITH_ALLREDUCE_FUSION", "multi")
+    with pytest.raises(RuntimeError, match="Support for multi is dropped"):
+        ar.AllreduceConfig.from_env()
+
+
+def test_from_env_unknown_override(clean_env):
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['fuson'\]"):
+        ar.AllreduceConfig.from_env(fuson="one")
+
+
+def test_env_byteps_is_a_clear_error(clean_env):
+    clean_env.setenv("MONOLITH_WITH_BYTEPS", "1")
+    with pytest.raises(NotImplementedError, match="byteps"):
+        ar.AllreduceConfig.from_env()
+
+
+@pytest.mark.skipif(HAVE_HOROVOD, reason="horovod is installed")
+def test_env_horovod_missing_is_a_clear_error(clean_env):
+    clean_env.setenv("MONOLITH_WITH_HOROVOD", "1")
+    with pytest.raises(ImportError, match="pip install horovod"):
+        ar.AllreduceConfig.from_env()
+
+
+# --- allreduce_cond without communication ------------------------------------------------
+
+
+def test_not_active_without_process_group():
+    assert not dist.is_initialized()
+    assert not ar.AllreduceConfig().is_active()
+
+
+def test_world_size_one_scales_out_of_place():
+    grads = [
+        torch.tensor([1.0, 2.0]),
+        None,
+        torch.tensor(3.0, dtype=torch.float64),
+        torch.empty(0),
+        None,
+    ]
+    before = [None if g is None else g.clone() for g in grads]
+    out = ar.allreduce_cond(grads, scale=0.5, config=ar.AllreduceConfig(fusion="one"))
+    assert isinstance(out, list) and len(out) == 5
+    assert out[1] is None and out[4] is None
+    torch.testing.assert_close(out[0], torch.tensor([0.5, 1.0]))
+    torch.testing.assert_close(out[2], torch.tensor(1.5, dtype=torch.float64))
+    assert out[3].shape == (0,)
+    for g, b in zip(grads, before, strict=True):
+        if g is not None:
+            torch.testing.assert_close(g, b, rtol=0, atol=0)
+
+
+def test_scale_one_returns_the_same_tensors():
+    grads = [torch.ones(3), None]
+    out = ar.allreduce_cond(grads)
+    assert out[0] is grads[0] and out[1] is None
+    assert out is not grads
+
+
+def test_tensor_scale_keeps_each_dtype():
+    grads = [torch.ones(2, dtype=torch.float16), torch.ones(2, dtype=torch.bfloat16), torch.ones(2)]
+    out = ar.allreduce_cond(grads, scale=torch.tensor(0.25))
+    assert [o.dtype for o in out] == [g.dtype for g in grads]
+    for o in out:
+        torch.testing.assert_close(o.float(), torch.full((2,), 0.25))
+
+
+def test_all_none_and_empty_lists():
+    assert ar.allreduce_cond([None, None], scale=2.0) == [None, None]
+    assert ar.allreduce_cond([]) == []
+
+
+def test_skip_is_never_active():
+    assert not ar.AllreduceConfig(skip=True).is_active()
+
+
+@pytest.mark.parametrize(
+    ("grads", "kwargs", "exc", "match"),
+    [
+        (torch.ones(2), {}, TypeError, "grads must be a list"),
+        (
+            [torch.ones(2), 1.0],
+            {},
+            TypeError,
+            r"grads\[1\] must be a torch.Tensor or None, got float",
+        ),
+        (
+            [torch.ones(2, dtype=torch.int32)],
+            {},
+            TypeError,
+            r"grads\[0\] must have a floating dtype, got torch.int32",
+        ),
+        (
+            [torch.ones(2)],
+            {"scale": torch.ones(2)},
+            ValueError,
+            r"scale must be a 0-d tensor, got shape \(2,\)",
+        ),
+        ([torch.ones(2)], {"scale": "2"}, TypeError, "scale must be a python float"),
+        (
+            [torch.ones(2)],
+            {"config": {"fusion": "one"}},
+            TypeError,
+            "config must be an AllreduceConfig",
+        ),
+    ],
+)
+def test_allreduce_cond_errors(grads, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        ar.allreduce_cond(grads, **kwargs)
+
+
+# --- compression ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "half"), [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_half_compressor_round_trip(name, half):
+    comp = ar.compressor_for(name)
+    t = torch.tensor([1.0, -2.5, 70000.0])
+    wire, ctx = comp.compress(t, 0.5)
+    assert wire.dtype == half and ctx == torch.float32
+    assert torch.isfinite(wire).all()  # scaled before the cast
+    back = comp.decompress(wire, ctx)
+    assert back.dtype == torch.float32
+    torch.testing.assert_close(back, t * 0.5, rtol=1e-2, atol=0)
+    t16 = torch.ones(2, dtype=torch.bfloat16)
+    assert comp.compress(t16)[0].dtype == torch.bfloat16  # 16-bit tensors travel as they are
+
+
+def test_none_compressor_copies():
+    comp = ar.compressor_for(None)
+    t = torch.ones(3)
+    wire, ctx = comp.compress(t)
+    wire.add_(1)
+    assert torch.all(t == 1) and comp.decompress(wire, ctx) is wire
+
+
+# --- every torch path in one process (world size 1 group) --------------------------------
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(60)
+def test_world_of_one_group_is_not_active_and_every_path_is_identity_times_scale(world_of_one):
+    grads = [
+        torch.randn(5),
+        None,
+        torch.randn(()),
+        torch.randn(2, 3, dtype=torch.float64),
+        torch.empty(0),
+    ]
+    assert not ar.AllreduceConfig(group=world_of_one).is_active()
+    out = ar.allreduce_cond(grads, 3.0, ar.AllreduceConfig(group=world_of_one))
+    torch.testing.assert_close(out[0], grads[0] * 3)
+    # The communicating stages themselves, driven directly on a group of one.
+    tensors = [g for g in grads if g is not None]
+    for fusion in ar.FUSIONS:
+        for compression in ar.COMPRESSIONS:
+            cfg = ar.AllreduceConfig(fusion=fusion, compression=compression, group=world_of_one)
+            res = ar._allreduce_torch(tensors, torch.tensor(3.0), cfg)
+            tol = {"fp16": 1e-3, "bf16": 8e-3, None: 1e-6}[compression]
+            for r, t in zip(res, tensors, strict=True):
+                assert r.dtype == t.dtype and r.shape == t.shape
+                torch.testing.assert_close(r, t * 3, rtol=tol, atol=tol)
+
+
+# --- horovod wiring, against a stand-in module ---------------------------------------------
+
+
+def _fake_horovod(world):
+    """A stand-in for horovod.torch in which every peer holds the same tensors."""
+    hvd = types.ModuleType("horovod.torch")
+    hvd.Average, hvd.Sum = "average", "sum"
+    calls = []
+
+    class _Fp16:
+        @staticmethod
+        def compress(t):
+            return t.half(), t.dtype
+
+        @staticmethod
+        def decompress(t, ctx):
+            return t.to(ctx)
+
+    class _NoneC:
+        @staticmethod
+        def compress(t):
+            return t, None
+
+        @staticmethod
+        def decompress(t, ctx):
+            return t
+
+    hvd.Compression = types.SimpleNamespace(none=_NoneC, fp16=_Fp16)
+    hvd.size = lambda: world
+    hvd.is_initialized = lambda: True
+
+    def allreduce(t, op=None, compression=_NoneC, name=None):
+        calls.append(("allreduce", op, compression))
+        wire, ctx = compression.compress(t)
+        red = wire * world if op == "sum" else wire.clone()
+        return compression.decompress(red, ctx)
+
+    def grouped_allreduce(ts, op=None, compression=_NoneC):
+        calls.append(("grouped", op, compression))
+        return [allreduce(t, op, compression) for t in ts]
+
+    hvd.allreduce, hvd.grouped_allreduce, hvd.calls = allreduce, grouped_allreduce, calls
+    return hvd
+
+
+@pytest.mark.parametrize("fusion", ar.FUSIONS)
+@pytest.mark.parametrize("compression", ar.COMPRESSIONS)
+def test_horovod_backend_wiring(monkeypatch, fusion, compression):
+    hvd = _fake_horovod(world=4)
+    monkeypatch.setitem(sys.modules, "horovod", types.ModuleType("horovod"))
+    monkeypatch.setitem(sys.modules, "horovod.torch", hvd)
+    cfg = ar.AllreduceConfig(fusion=fusion, compression=compression, backend="horovod")
+    assert cfg.is_active()
+    grads = [torch.randn(7), None, torch.randn(3, 3)]
+    out = ar.allreduce_cond(grads, scale=torch.tensor(0.5), config=cfg)
+    assert out[1] is None
+    tol = {"fp16": 1e-3, "bf16": 8e-3, None: 1e-6}[compression]
+    for o, g in ((out[0], grads[0]), (out[2], grads[2])):
+        torch.testing.assert_close(
+            o, g * 0.5, rtol=tol, atol=tol
+        )  # average of equal peers, scaled once
+    ops = {c[1] for c in hvd.calls}
+    assert ops == ({"average"} if compression is None else {"sum"})
+    assert ("grouped" in {c[0] for c in hvd.calls}) == (fusion == "grouped")
