@@ -249,6 +249,13 @@ def test_scale_one_returns_the_same_tensors():
     assert out is not grads
 
 
+def test_scale_that_requires_grad_leaves_no_graph():
+    scale = torch.tensor(0.5, requires_grad=True)
+    out = ar.allreduce_cond([torch.ones(3)], scale=scale)
+    assert not out[0].requires_grad
+    torch.testing.assert_close(out[0], torch.full((3,), 0.5))
+
+
 def test_tensor_scale_keeps_each_dtype():
     grads = [torch.ones(2, dtype=torch.float16), torch.ones(2, dtype=torch.bfloat16), torch.ones(2)]
     out = ar.allreduce_cond(grads, scale=torch.tensor(0.25))
@@ -347,6 +354,7 @@ def test_world_of_one_group_is_not_active_and_every_path_is_identity_times_scale
         torch.randn(()),
         torch.randn(2, 3, dtype=torch.float64),
         torch.empty(0),
+        torch.randn(4, 3).t(),  # non-contiguous: collectives need contiguous copies
     ]
     assert not ar.AllreduceConfig(group=world_of_one).is_active()
     out = ar.allreduce_cond(grads, 3.0, ar.AllreduceConfig(group=world_of_one))

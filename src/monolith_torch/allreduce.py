@@ -311,7 +311,8 @@ class NoneCompressor:
         self, tensor: torch.Tensor, prescale: float | torch.Tensor = 1.0
     ) -> tuple[torch.Tensor, None]:
         """Returns ``(tensor * prescale, None)`` as a new tensor; the input is unchanged."""
-        return torch.mul(tensor, prescale), None
+        # Collectives need contiguous buffers; mul keeps a transposed input's strides.
+        return torch.mul(tensor, prescale).contiguous(), None
 
     def decompress(self, tensor: torch.Tensor, ctx: None) -> torch.Tensor:
         """Returns ``tensor`` unchanged."""
@@ -341,7 +342,8 @@ class HalfCompressor:
         The multiply runs in the source precision and rounds once, so a prescale of
         ``1 / world_size`` keeps values that would overflow the half type in the sum.
         """
-        out = torch.empty_like(tensor, dtype=self.wire_dtype(tensor.dtype))
+        # Contiguous, whatever the input's strides: collectives need it.
+        out = torch.empty(tensor.shape, dtype=self.wire_dtype(tensor.dtype), device=tensor.device)
         torch.mul(tensor, prescale, out=out)
         return out, tensor.dtype
 
@@ -481,7 +483,10 @@ def _allreduce_torch(
         return out
     if isinstance(comp, NoneCompressor):
         # One foreach call instead of a python-level multiply per tensor.
-        wires = list(torch._foreach_mul(tensors, prescale))
+        wires = [
+            w if w.is_contiguous() else w.contiguous()
+            for w in torch._foreach_mul(tensors, prescale)
+        ]
         ctxs: list[Any] = [None] * len(tensors)
     else:
         wires, ctxs = map(list, zip(*(comp.compress(t, prescale) for t in tensors), strict=True))
@@ -550,6 +555,7 @@ def allreduce_cond(
     Re-creates Monolith's ``feature_utils.allreduce_cond``. Out of place: the inputs are
     never modified. ``scale`` (e.g. a deferred global-norm clip factor) is applied
     exactly once on every path; as a tensor it is never read on the host (no sync).
+    Runs under ``torch.no_grad()``: the results carry no autograd history.
     With fusion ``"one"`` the results are views into one flat buffer per (device,
     dtype). When :meth:`AllreduceConfig.is_active` is false (no process group, world
     size 1, or ``skip``) nothing is communicated and the result is ``grads * scale``;
@@ -593,12 +599,15 @@ def allreduce_cond(
     result: list[torch.Tensor | None] = list(grads)
     if not tensors:
         return result
-    if not config.is_active():
-        reduced = _scaled(tensors, scale)
-    elif config.backend == "horovod":
-        reduced = _allreduce_horovod(tensors, scale, config)
-    else:
-        reduced = _allreduce_torch(tensors, scale, config)
+    # Gradients are data here: a scale that requires grad must not drag the buffers
+    # into the autograd graph (and out= copies would refuse it).
+    with torch.no_grad():
+        if not config.is_active():
+            reduced = _scaled(tensors, scale)
+        elif config.backend == "horovod":
+            reduced = _allreduce_horovod(tensors, scale, config)
+        else:
+            reduced = _allreduce_torch(tensors, scale, config)
     for i, t in zip(positions, reduced, strict=True):
         result[i] = t
     return result

@@ -51,6 +51,7 @@ def make_grads(rank: int) -> list[torch.Tensor | None]:
         pos(9, dtype=torch.bfloat16),
         pos(2, 3) * 20000.0,  # fp16 holds one, and the average times 2; a sum of 3 overflows
         pos(1000),
+        pos(6, 4).t(),  # non-contiguous
     ]
 
 
