@@ -400,6 +400,8 @@ class EmbeddingTable(FeatureEmbTable):
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
         """Values [N, D] of ``rows`` [N]; zeros where a row is -1. A copy."""
+        if rows.numel() == 0 or int(rows.min()) >= 0:  # the common case: every id has a row
+            return self._values.index_select(0, rows)
         out = self._values.index_select(0, rows.clamp_min(0))
         return out.masked_fill_((rows < 0)[:, None], 0.0)
 

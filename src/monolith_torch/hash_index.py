@@ -135,22 +135,34 @@ class HashIndex:
         self._probe(keys, out)
         return out
 
+    def _window(self, bucket: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot positions [P, 8*width] of ``width`` buckets from ``bucket`` on, and their rows."""
+        if width == 1:
+            buckets = bucket[:, None]
+        else:
+            buckets = (bucket[:, None] + torch.arange(width, device=self._device)) & (self._num_buckets - 1)
+        flat = buckets.reshape(-1)
+        slots = self._bslots.index_select(0, flat).view(bucket.numel(), width * _BUCKET)
+        return buckets, slots
+
     def _probe(self, keys: torch.Tensor, out: torch.Tensor, want_slot: bool = False) -> None:
-        # Each round reads one whole bucket per id (8 keys: one cache line)
-        # and compares them at once. An id lives in the first bucket from its
-        # home that had a free slot when it was inserted, so a bucket holding
-        # an empty slot ends the search; at the default load nearly every id
-        # resolves in the first round.
-        bmask = self._num_buckets - 1
+        # Each round reads whole buckets (8 keys: one cache line) and compares
+        # them at once: the home bucket first, then windows of 4, 16, 64
+        # buckets, so even a long run of full buckets costs a few rounds. An id
+        # lives in the first bucket from its home that had a free slot when it
+        # was inserted, so a window holding an empty slot ends the search.
         bucket = self._home(keys)
         idx = None
+        width = 1
         while True:
-            bslots = self._bslots.index_select(0, bucket)
-            found = (self._bkeys.index_select(0, bucket) == keys[:, None]) & (bslots >= 0)
+            buckets, bslots = self._window(bucket, width)
+            bkeys = self._bkeys.index_select(0, buckets.reshape(-1)).view(keys.numel(), width * _BUCKET)
+            found = (bkeys == keys[:, None]) & (bslots >= 0)
             hit = found.any(1)
             j = found.to(torch.uint8).argmax(1, keepdim=True)
             if want_slot:
-                res = torch.where(hit, bucket * _BUCKET + j.squeeze(1), -1)
+                first = buckets.gather(1, j // _BUCKET).squeeze(1)
+                res = torch.where(hit, first * _BUCKET + (j.squeeze(1) % _BUCKET), -1)
             else:
                 res = torch.where(hit, bslots.gather(1, j).squeeze(1).long(), -1)
             if idx is None:
@@ -163,7 +175,8 @@ class HashIndex:
                 return
             idx = pending if idx is None else idx.index_select(0, pending)
             keys = keys.index_select(0, pending)
-            bucket = (bucket.index_select(0, pending) + 1) & bmask
+            bucket = (bucket.index_select(0, pending) + width) & (self._num_buckets - 1)
+            width = min(4 * width, 64)
 
     def items(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys [R], rows [R]) of the live entries, ordered by row."""
@@ -231,19 +244,21 @@ class HashIndex:
 
     def _place(self, keys: torch.Tensor, rows: torch.Tensor, fresh: bool = False) -> None:
         # ``keys`` are distinct and absent, so any empty or removed slot will do.
-        # Each id takes the first free slot of its bucket; ids racing for one
-        # slot write their key, read it back, and only the id whose key stayed
-        # claims it. Losers retry the same bucket; ids whose bucket is full
-        # move to the next one.
-        bmask = self._num_buckets - 1
+        # Each id takes the first free slot in its window of buckets; ids
+        # racing for one slot write their key, read it back, and only the id
+        # whose key stayed claims it.
         bucket = self._home(keys)
         rows32 = rows.to(torch.int32)
         if fresh:
             keys, rows32, bucket = self._place_fresh(keys, rows32, bucket)
+        width = 1
         while keys.numel():
-            free = self._bslots.index_select(0, bucket) < 0
+            buckets, bslots = self._window(bucket, width)
+            free = bslots < 0
             has_free = free.any(1)
-            target = bucket * _BUCKET + free.to(torch.uint8).argmax(1)
+            j = free.to(torch.uint8).argmax(1, keepdim=True)
+            first = buckets.gather(1, j // _BUCKET).squeeze(1)
+            target = first * _BUCKET + (j.squeeze(1) % _BUCKET)
             cand = has_free.nonzero().squeeze(1)
             tpos = target.index_select(0, cand)
             ckeys = keys.index_select(0, cand)
@@ -253,8 +268,12 @@ class HashIndex:
             self._slots.index_copy_(0, tpos[won], rows32.index_select(0, win))
             keep = torch.ones(keys.shape, dtype=torch.bool, device=self._device).index_fill_(0, win, False)
             keep = keep.nonzero().squeeze(1)
-            bucket = torch.where(has_free, bucket, (bucket + 1) & bmask).index_select(0, keep)
+            # Losers retry from the bucket they raced for; ids without a free
+            # slot in the window move past it.
+            nxt = torch.where(has_free, first, (bucket + width) & (self._num_buckets - 1))
+            bucket = nxt.index_select(0, keep)
             keys, rows32 = keys.index_select(0, keep), rows32.index_select(0, keep)
+            width = min(4 * width, 64)
 
     def _live(self) -> tuple[torch.Tensor, torch.Tensor]:
         live = (self._slots >= 0).nonzero().squeeze(1)
