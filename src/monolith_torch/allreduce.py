@@ -49,8 +49,9 @@ _MULTI_DROPPED = "Support for multi is dropped. Please use 'one' as the fusion s
 _HOROVOD_MISSING = (
     "backend='horovod' needs Horovod's PyTorch extension (module horovod.torch), which is "
     "not importable: {err}. Install it with `HOROVOD_WITH_PYTORCH=1 pip install horovod` "
-    "(it builds against the installed torch), or use backend='torch' "
-    "(unset MONOLITH_WITH_HOROVOD), which runs on torch.distributed."
+    "(it builds against the installed torch; horovod 0.28.1, the latest release, compiles "
+    "its extension as C++14 and fails against torch >= 2.1 headers, which need C++17), or "
+    "use backend='torch' (unset MONOLITH_WITH_HOROVOD), which runs on torch.distributed."
 )
 _BYTEPS_UNSUPPORTED = (
     "backend='byteps' is not supported by monolith-torch: BytePS (last release 0.2.5) builds "

@@ -3,8 +3,8 @@
 Re-creates Monolith's ``monolith_aligned_flat_concat`` / ``monolith_aligned_flat_split``
 kernels (GPU only, float32 only, at most 1023 tensors there) for any floating dtype,
 any device and any number of tensors. ``allreduce_cond(..., fusion="one")`` packs the
-gradients with :func:`aligned_flat_concat`, reduces the one buffer and unpacks it
-with :func:`aligned_flat_split`.
+gradients with the same layout (one buffer per bucket of at most
+``AllreduceConfig.bucket_cap_bytes``), reduces each buffer and unpacks it into views.
 
 Layout: tensor ``i`` (flattened, ``n_i`` elements) occupies ``flat[o_i : o_i + n_i]``
 where every offset ``o_i`` is a multiple of ``64 // itemsize`` elements, so each
@@ -127,9 +127,11 @@ def aligned_flat_concat(
     """Copies ``tensors`` into one flat buffer, each segment 64-byte aligned, times ``scale``.
 
     Re-creates Monolith's ``monolith_aligned_flat_concat``. The scale (and the cast to
-    ``dtype``, if any) happen in the same copy, so folding a clip or averaging factor in
-    costs no extra pass. Out of place: the inputs are not modified. No host sync, also
-    when ``scale`` is a tensor.
+    ``dtype``, if any) is folded into the packing, so a clip or averaging factor costs
+    no pass over the inputs of its own: large tensors are multiplied as they are copied;
+    many small ones are packed by one ``cat`` and the buffer is multiplied in place
+    (cheaper on CPU than a call per tensor). Out of place: the inputs are not modified.
+    No host sync, also when ``scale`` is a tensor.
 
     Args:
         tensors: floating tensors on one device, any shapes (0-d and empty included).
