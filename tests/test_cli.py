@@ -154,7 +154,8 @@ def _env():
 
 
 @pytest.mark.timeout(180)
-def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_saves_a_loadable_checkpoint(tmp_path, signum, code):
     data = generate_criteo(str(tmp_path / "big.tsv"), 200_000, seed=5)
     run = tmp_path / "run"
     proc = subprocess.Popen(
@@ -171,16 +172,16 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
         else:
             pytest.fail("training did not start")
         time.sleep(2.0)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         out, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 143, out[-2000:]
+    assert proc.returncode == code, out[-2000:]
     payload = _checkpoint_state(run)
     assert payload["global_step"] >= 1
-    assert "stopped by signal 15" in (run / "train.log").read_text()
+    assert f"stopped by signal {int(signum)} at step {payload['global_step']}" in (run / "train.log").read_text()
 
 
 @pytest.mark.timeout(300)

@@ -95,6 +95,8 @@ def _validate(command: str, cfg: TrainConfig) -> None:
         expand_paths(cfg.eval_data)
     if command == "predict" and not cfg.data:
         raise ConfigError("predict needs --data (the rows to score)")
+    if command == "eval" and cfg.data and not cfg.eval_data:
+        raise ConfigError("eval needs --eval-data when --data names your own training files")
     if command in ("eval", "predict") and not os.path.isdir(os.path.join(cfg.run_dir, "checkpoints")):
         raise ConfigError(f"no checkpoints in run_dir {cfg.run_dir!r}; train first")
 
