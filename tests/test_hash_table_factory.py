@@ -356,3 +356,24 @@ def test_ctr_model_learns():
     auc = _auc(scores, test_y)
     print(f"held-out AUC {auc:.3f}")
     assert auc >= 0.75, auc
+
+
+def test_expiry_through_factory_and_checkpoint(tmp_path):
+    from monolith_torch.checkpoint import save_checkpoint
+
+    clock = [1_000_000.0]
+    factory = HashTableFeatureFactory(time_fn=lambda: clock[0])
+    slot = _sgd_slot(factory, expire_time=2)
+    vec = slot.add_feature_slice(2)
+    fc = FeatureColumn(slot, "f")
+    factory.lookup({"f": _ids([1, 2], [0, 2])})
+    clock[0] += 86400
+    factory.lookup({"f": _ids([2], [0, 1])})
+    loss = fc.embedding_lookup(vec).sum()
+    leaf = fc.get_all_embeddings_concat()
+    factory.apply_gradients([(torch.autograd.grad(loss, [leaf])[0], leaf)])  # id 2 updated at day 1
+    clock[0] += 1.5 * 86400  # id 1: 2.5 days old, id 2: 1.5 days
+    assert factory.evict_expired() == {"s": 1}
+    clock[0] += 86400  # id 2: 2.5 days old; saving evicts it
+    save_checkpoint(tmp_path / "c", NativeContext(feature_factory=factory))
+    assert len(factory.tables["s"]) == 0

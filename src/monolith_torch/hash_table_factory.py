@@ -308,6 +308,9 @@ class HashTableFeatureFactory(FeatureFactory):
         Returns:
             An ``EmbeddingLayoutFactory`` whose ``hash_table`` is a
             ``HashTableLayout`` routing layout gradients back to rows.
+
+        Create the slots with this factory's ``create_feature_slot`` (an
+        ``EmbeddingLayoutFactory`` makes placeholder slots without tables).
         """
         if not isinstance(layouts, Mapping) or not layouts:
             raise ValueError(f"Invalid layouts: {layouts!r} (expected a non-empty mapping of name -> [(column, slice)])")
