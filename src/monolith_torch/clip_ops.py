@@ -30,10 +30,22 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 def group_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
     """Indices of ``tensors`` grouped by (device, dtype), for one foreach call per group."""
+    keys = [(t.device, t.dtype) for t in tensors]
+    if keys and keys.count(keys[0]) == len(keys):
+        return {keys[0]: list(range(len(keys)))}
     groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, t in enumerate(tensors):
-        groups[(t.device, t.dtype)].append(i)
-    return groups
+    for i, key in enumerate(keys):
+        groups[key].append(i)
+    return dict(groups)
+
+
+def _grouped(tensors: Sequence[torch.Tensor]) -> list[tuple[torch.device, torch.dtype, list[torch.Tensor]]]:
+    """(device, dtype, tensors) per group; the common single-group case copies nothing but the list."""
+    groups = group_by_device_and_dtype(tensors)
+    if len(groups) == 1:
+        ((device, dtype),) = groups
+        return [(device, dtype, list(tensors))]
+    return [(device, dtype, [tensors[i] for i in idx]) for (device, dtype), idx in groups.items()]
 
 
 def _present(tensors) -> list[torch.Tensor]:
@@ -50,21 +62,24 @@ def global_norm(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
     present = _present(tensors)
     if not present:
         return torch.zeros((), dtype=torch.float32)
-    out_dtype = torch.float64 if any(t.dtype == torch.float64 for t in present) else torch.float32
+    groups = _grouped(present)
+    if len(groups) == 1:
+        return _group_norm(groups[0][1], groups[0][2])
+    out_dtype = torch.float64 if any(dtype == torch.float64 for _, dtype, _ in groups) else torch.float32
     device = present[0].device
-    per_group = []
-    for (_, dtype), idx in group_by_device_and_dtype(present).items():
-        group = [present[i] for i in idx]
-        if dtype in _LOW_PRECISION:
-            # fp16 norms overflow past 65504 (an inf norm NaNs every clipped
-            # gradient) and bf16 ones keep 3 digits: accumulate in float32.
-            norms = torch._foreach_norm(group, 2, dtype=torch.float32)
-        else:
-            norms = torch._foreach_norm(group, 2)
-        per_group.append(torch.linalg.vector_norm(torch.stack(norms).to(out_dtype)).to(device))
-    if len(per_group) == 1:
-        return per_group[0]
+    per_group = [_group_norm(dtype, group).to(device=device, dtype=out_dtype) for _, dtype, group in groups]
     return torch.linalg.vector_norm(torch.stack(per_group))
+
+
+def _group_norm(dtype: torch.dtype, group: list[torch.Tensor]) -> torch.Tensor:
+    """Norm of tensors of one device and dtype: float64 for float64, float32 otherwise."""
+    if dtype in _LOW_PRECISION:
+        # fp16 norms overflow past 65504 (an inf norm NaNs every clipped
+        # gradient) and bf16 ones keep 3 digits: accumulate in float32.
+        norms = torch._foreach_norm(group, 2, dtype=torch.float32)
+    else:
+        norms = torch._foreach_norm(group, 2)
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def clip_factor(norm: torch.Tensor, clip_norm) -> torch.Tensor:
@@ -74,9 +89,12 @@ def clip_factor(norm: torch.Tensor, clip_norm) -> torch.Tensor:
     norm against a zero bound gives 1, harmless since those gradients are 0).
     ``clip_norm`` may be a float or a 0-d tensor.
     """
-    bound = torch.as_tensor(clip_norm, dtype=norm.dtype, device=norm.device)
-    factor = torch.where(norm > bound, bound / norm, torch.ones_like(norm))
-    return torch.where(torch.isfinite(norm), factor, torch.full_like(norm, math.nan))
+    if isinstance(clip_norm, torch.Tensor):
+        clip_norm = clip_norm.to(device=norm.device, dtype=norm.dtype)
+    factor = torch.where(norm > clip_norm, clip_norm / norm, 1.0)
+    # Adding norm * 0 turns the factor into NaN exactly when the norm is inf or
+    # NaN (inf * 0 is NaN), with two small kernels and no host sync.
+    return factor + norm * 0
 
 
 def foreach_scale_(tensors: Sequence[torch.Tensor], factor: torch.Tensor | float) -> None:
@@ -86,8 +104,8 @@ def foreach_scale_(tensors: Sequence[torch.Tensor], factor: torch.Tensor | float
     if not isinstance(factor, torch.Tensor):
         torch._foreach_mul_(list(tensors), factor)
         return
-    for (device, dtype), idx in group_by_device_and_dtype(tensors).items():
-        torch._foreach_mul_([tensors[i] for i in idx], factor.to(device=device, dtype=dtype))
+    for device, dtype, group in _grouped(tensors):
+        torch._foreach_mul_(group, factor.to(device=device, dtype=dtype))
 
 
 def _check_clip_norm(clip_norm) -> None:
@@ -130,8 +148,12 @@ def clip_by_global_norm(t_list, clip_norm, use_norm=None):
 
 
 def _scaled(tensors: list[torch.Tensor], factor: torch.Tensor) -> list[torch.Tensor]:
+    groups = group_by_device_and_dtype(tensors)
+    if len(groups) == 1:
+        ((device, dtype),) = groups
+        return list(torch._foreach_mul(list(tensors), factor.to(device=device, dtype=dtype)))
     out: list[torch.Tensor | None] = [None] * len(tensors)
-    for (device, dtype), idx in group_by_device_and_dtype(tensors).items():
+    for (device, dtype), idx in groups.items():
         scaled = torch._foreach_mul([tensors[i] for i in idx], factor.to(device=device, dtype=dtype))
         for i, s in zip(idx, scaled, strict=True):
             out[i] = s

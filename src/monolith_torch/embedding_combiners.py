@@ -1,8 +1,8 @@
 """Combiners: turn per-id embeddings of a ragged feature into per-example tensors.
 
 Re-creates Monolith's ``embedding_combiners`` (``ReduceSum``, ``ReduceMean``,
-``FirstN``). Each combiner is one segment op over ``value_rowids``; none loops
-over rows in Python.
+``FirstN``). Each combiner is one segment op (``segment_reduce`` over the row
+splits, or an ``index_put`` over ``value_rowids``); none loops over rows in Python.
 """
 
 from __future__ import annotations
@@ -28,8 +28,12 @@ def _check_embeddings(ids, embeddings: torch.Tensor) -> None:
 
 
 def _segment_sum(ids, embeddings: torch.Tensor) -> torch.Tensor:
-    out = embeddings.new_zeros((ids.nrows(), embeddings.shape[1]))
-    return out.index_add(0, ids.value_rowids(), embeddings)
+    # One segment kernel straight over the row splits: no per-id row index to
+    # build, and about half the forward + backward time of an index_add over
+    # value_rowids on CPU. Empty rows sum to 0. ``unsafe`` skips a host-side
+    # check of the splits, which RaggedTensor validated when it was built.
+    offsets = ids.row_splits.to(embeddings.device)
+    return torch.segment_reduce(embeddings, "sum", offsets=offsets, axis=0, unsafe=True)
 
 
 class Combiner(abc.ABC):
