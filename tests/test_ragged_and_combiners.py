@@ -159,9 +159,10 @@ def naive_first_n(lengths, emb, max_len):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("split_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_combiners_by_hand(dtype, device):
-    ids = ragged([2, 0, 1], device=device)
+def test_combiners_by_hand(dtype, split_dtype, device):
+    ids = ragged([2, 0, 1], device=device, dtype=split_dtype)
     emb = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=dtype, device=device)
     assert_close(ReduceSum().combine(ids, emb), torch.tensor([[4.0, 6.0], [0, 0], [5.0, 6.0]], dtype=dtype,
                                                               device=device))
@@ -215,6 +216,16 @@ def test_combiner_gradients_equal_manual_ones():
     (grad,) = torch.autograd.grad((FirstN(2).combine(ids, emb) * w3).sum(), emb)
     keep = (positions < 2).to(torch.float64)[:, None]
     assert_close(grad, w3[rowids, positions.clamp_max(1)] * keep)  # ids past L get no gradient
+
+
+def test_combiners_on_zero_ids():
+    ids = ragged([0, 0])
+    emb = torch.zeros(0, 3, requires_grad=True)
+    assert torch.equal(ReduceSum().combine(ids, emb), torch.zeros(2, 3))
+    assert torch.equal(ReduceMean().combine(ids, emb), torch.zeros(2, 3))
+    assert torch.equal(FirstN(2).combine(ids, emb), torch.zeros(2, 2, 3))
+    ReduceSum().combine(ids, emb).sum().backward()
+    assert emb.grad.shape == (0, 3)
 
 
 def test_combiner_bad_inputs():
