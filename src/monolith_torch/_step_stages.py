@@ -192,10 +192,14 @@ def compute_clip(dense_grads, sparse_grads, config, global_step) -> Clip:
         return Clip()
     if clip_type == GradClipType.ClipByGlobalNorm:
         norm = clip_ops.global_norm(dense_grads + sparse_grads)
+        dense_scale = clip_ops.clip_factor(norm, clip_norm)
+        if not config.sparse_clip_norm and not config.sparse_norm_warmup_steps:
+            # One bound for both: the same factor object, so run_step can scale all grads in one call.
+            return Clip(dense_scale, dense_scale, global_norm=norm)
         sparse_bound = config.sparse_clip_norm or clip_norm
         if config.sparse_norm_warmup_steps:
             sparse_bound = _warmup_factor(global_step, config.sparse_norm_warmup_steps).to(norm) * sparse_bound
-        return Clip(clip_ops.clip_factor(norm, clip_norm), clip_ops.clip_factor(norm, sparse_bound), global_norm=norm)
+        return Clip(dense_scale, clip_ops.clip_factor(norm, sparse_bound), global_norm=norm)
     if clip_type == GradClipType.ClipByDenseAndSparse:
         dense_norm = clip_ops.global_norm(dense_grads)
         clip = Clip(clip_ops.clip_factor(dense_norm, clip_norm), dense_norm=dense_norm)
@@ -302,8 +306,11 @@ def run_step(ctx, var_opt, loss, dense: Variables, sparse: Variables, config, gl
     defer = config.allreduce is not None and isinstance(clip.dense_scale, torch.Tensor) and not config.summarize
     dense_scale, sparse_scale = clip.dense_scale, clip.sparse_scale
     if not defer:
-        clip_ops.foreach_scale_(dense_grads, dense_scale)
-        clip_ops.foreach_scale_(sparse_grads, sparse_scale)
+        if dense_scale is sparse_scale:
+            clip_ops.foreach_scale_(dense_grads + sparse_grads, dense_scale)
+        else:
+            clip_ops.foreach_scale_(dense_grads, dense_scale)
+            clip_ops.foreach_scale_(sparse_grads, sparse_scale)
         dense_scale = sparse_scale = 1.0
     _write_summaries(ctx, config, clip, global_step, dense, dense_grads, sparse, sparse_grads)
 
