@@ -38,19 +38,11 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import machine_line  # noqa: E402
 from monolith_torch.data import CAT_COLUMNS, NUM_INT, SEQ_FEATURE, generate_criteo, read_batches  # noqa: E402
+from monolith_torch.model import _mlp  # noqa: E402  (same MLP shape on both sides)
 from monolith_torch.train_config import load_config  # noqa: E402
 from monolith_torch.trainer import Trainer  # noqa: E402
 
 FEATURES = [*CAT_COLUMNS, SEQ_FEATURE]
-
-
-def _mlp(sizes):
-    layers = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
 
 
 class PlainDLRM(nn.Module):
