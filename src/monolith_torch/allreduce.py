@@ -5,6 +5,9 @@ environment variables read at import time. Here the engine is ``torch.distribute
 (gloo on CPU, NCCL on GPU), the choices live in a frozen :class:`AllreduceConfig`, and
 the environment is read only by :meth:`AllreduceConfig.from_env`.
 
+``backend="horovod"`` runs the same strategies on Horovod (``horovodrun``), the engine
+Monolith used; ``scripts/build_horovod.sh`` builds it.
+
 Every rank must call :func:`allreduce_cond` with the same list layout: the same
 positions holding ``None``, and the same shapes, dtypes and devices elsewhere, as for
 any collective.
@@ -26,8 +29,6 @@ from monolith_torch.distribution_ops import (
     _concat_unchecked,
     _layout,
     _split_unchecked,
-    aligned_flat_concat,
-    aligned_flat_split,
 )
 
 __all__ = [
@@ -48,10 +49,11 @@ BACKENDS = ("torch", "horovod", "byteps")
 _MULTI_DROPPED = "Support for multi is dropped. Please use 'one' as the fusion strategy"
 _HOROVOD_MISSING = (
     "backend='horovod' needs Horovod's PyTorch extension (module horovod.torch), which is "
-    "not importable: {err}. Install it with `HOROVOD_WITH_PYTORCH=1 pip install horovod` "
-    "(it builds against the installed torch; horovod 0.28.1, the latest release, compiles "
-    "its extension as C++14 and fails against torch >= 2.1 headers, which need C++17), or "
-    "use backend='torch' (unset MONOLITH_WITH_HOROVOD), which runs on torch.distributed."
+    "not importable: {err}. Build it into the project's .venv with scripts/build_horovod.sh "
+    "(horovod 0.28.1 with PyTorch and Gloo, about 4 minutes on 2 cores; a plain "
+    "`pip install horovod` fails against torch >= 2.1 because horovod compiles its "
+    "extension as C++14 and torch's headers need C++17, which the script forces), or use "
+    "backend='torch' (unset MONOLITH_WITH_HOROVOD), which runs on torch.distributed."
 )
 _BYTEPS_UNSUPPORTED = (
     "backend='byteps' is not supported by monolith-torch: BytePS (last release 0.2.5) builds "
@@ -84,14 +86,20 @@ class AllreduceConfig:
             ``"multi"`` was dropped by Monolith and raises ``RuntimeError``.
         compression: ``None``, ``"fp16"`` or ``"bf16"``: tensors wider than 16 bits are
             sent in that half type, divided by the world size before the sum so the sum
-            cannot overflow, and cast back.
-        backend: ``"torch"`` (torch.distributed), ``"horovod"`` (needs ``horovod.torch``;
-            ``ImportError`` naming it otherwise) or ``"byteps"`` (not supported:
-            ``NotImplementedError``).
+            cannot overflow, and cast back. Horovod: ``None`` or ``"fp16"`` (Horovod
+            has no bfloat16 type; bfloat16 gradients travel as float32 there).
+        backend: ``"torch"`` (torch.distributed), ``"horovod"`` (``horovod.torch``, built
+            by ``scripts/build_horovod.sh``, with ``hvd.init()`` done, e.g. under
+            ``horovodrun``; ``ImportError`` naming the script otherwise) or ``"byteps"``
+            (not supported: ``NotImplementedError``). On Horovod, fusion ``"none"`` is
+            one ``hvd.allreduce`` per tensor, ``"grouped"`` one ``hvd.grouped_allreduce``
+            per (device, dtype), ``"one"`` one in-place ``hvd.allreduce_async_`` per
+            flat buffer (bucket).
         group: the ``torch.distributed`` process group to average over; ``None`` is the
             default group. Must be ``None`` for Horovod, which has its own.
         timeout: how long to wait for a collective before raising ``RuntimeError``;
             ``None`` uses the process group's own timeout (30 min by default for gloo).
+            Must be ``None`` for Horovod, which has no per-collective timeout.
         skip: Monolith's ``MONOLITH_SKIP_ALLREDUCE``: never communicate, only scale.
         bucket_cap_bytes: fusion ``"one"`` only: cut the flat buffer of each (device,
             dtype) into buckets of at most this many bytes (a larger tensor gets a
@@ -105,7 +113,8 @@ class AllreduceConfig:
     Raises:
         RuntimeError: ``fusion="multi"``.
         ValueError: an unknown fusion, compression or backend (the message lists the
-            valid ones), a non-positive timeout, or a group with Horovod.
+            valid ones), a non-positive timeout, or, with Horovod, a group, a timeout
+            or ``compression="bf16"``.
         TypeError: a field of the wrong type.
         ImportError: ``backend="horovod"`` without ``horovod.torch``.
         NotImplementedError: ``backend="byteps"``.
@@ -170,6 +179,17 @@ class AllreduceConfig:
                 raise ValueError(
                     f"Invalid group for backend='horovod': {self.group!r}; Horovod averages "
                     "over its own processes, pass group=None"
+                )
+            if self.compression == "bf16":
+                raise ValueError(
+                    "Invalid compression for backend='horovod': 'bf16'; Horovod 0.28 has no "
+                    "bfloat16 type, expected None or 'fp16'"
+                )
+            if self.timeout is not None:
+                raise ValueError(
+                    f"Invalid timeout for backend='horovod': {self.timeout}; Horovod has no "
+                    "per-collective timeout (its HOROVOD_GLOO_TIMEOUT_SECONDS applies), pass "
+                    "timeout=None"
                 )
             _import_horovod()
 
@@ -517,35 +537,6 @@ def _launch_coalesced(wires: list[torch.Tensor], config: AllreduceConfig, what: 
     return works
 
 
-def _allreduce_horovod(
-    tensors: list[torch.Tensor], scale: float | torch.Tensor, config: AllreduceConfig
-) -> list[torch.Tensor]:
-    hvd = _import_horovod()
-    if config.compression is None:
-        op, prescale, compression = hvd.Average, scale, hvd.Compression.none
-    else:
-        # Divide before the sum so the half-precision sum cannot overflow.
-        op, prescale = hvd.Sum, _divide(scale, hvd.size())
-        compression = (
-            hvd.Compression.fp16 if config.compression == "fp16" else HalfCompressor(torch.bfloat16)
-        )
-    if config.fusion == "one":
-        out: list[torch.Tensor] = [tensors[0]] * len(tensors)
-        for k, idx in enumerate(_group_by_device_dtype(tensors)):
-            group = [tensors[i] for i in idx]
-            flat = aligned_flat_concat(group, prescale)
-            flat = hvd.allreduce(
-                flat, op=op, compression=compression, name=f"monolith_aligned_flat_{k}"
-            )
-            for i, view in zip(idx, aligned_flat_split(group, flat), strict=True):
-                out[i] = view
-        return out
-    scaled = _scaled(tensors, prescale)
-    if config.fusion == "grouped":
-        return list(hvd.grouped_allreduce(scaled, op=op, compression=compression))
-    return [hvd.allreduce(t, op=op, compression=compression) for t in scaled]
-
-
 def allreduce_cond(
     grads: Sequence[torch.Tensor | None],
     scale: float | torch.Tensor = 1.0,
@@ -606,7 +597,9 @@ def allreduce_cond(
         if not config.is_active():
             reduced = _scaled(tensors, scale)
         elif config.backend == "horovod":
-            reduced = _allreduce_horovod(tensors, scale, config)
+            from monolith_torch.allreduce_horovod import allreduce_horovod
+
+            reduced = allreduce_horovod(tensors, scale, config)
         else:
             reduced = _allreduce_torch(tensors, scale, config)
     for i, t in zip(positions, reduced, strict=True):
