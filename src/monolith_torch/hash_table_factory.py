@@ -190,18 +190,23 @@ class HashTableFeatureFactory(FeatureFactory):
         self._batch_no += 1
         self._prune()
         out: dict[str, torch.Tensor] = {}
-        for name, ids in ragged.items():
-            table = feature_tables[name]
-            values = ids.values.to(table.device, torch.int64)
-            rows = table.lookup_rows(values, insert=training)
-            leaf = table.gather(rows).requires_grad_(True)
-            slices = create_embedding_slices(
-                {name: leaf}, {name: ids.to(table.device)}, {name: table._feature_combiners[name]},
-                {name: table.slice_dims},
-            )
-            table._set_current(name, leaf, slices)
-            self._looked[id(leaf)] = _Looked(leaf, table, name, values, self._batch_no, rows, table.generation)
-            out.update(slices)
+        for table in self._tables.values():
+            names = [n for n in table.feature_names if n in ragged]
+            if not names:
+                continue
+            # One index call per table, for all its features: the fixed cost
+            # of a call (a few hundred small tensor ops) is paid once.
+            values = [ragged[n].values.to(table.device, torch.int64) for n in names]
+            all_rows = table.lookup_rows(torch.cat(values), insert=training)
+            for name, ids, rows in zip(names, values, all_rows.split([v.numel() for v in values]), strict=True):
+                leaf = table.gather(rows).requires_grad_(True)
+                slices = create_embedding_slices(
+                    {name: leaf}, {name: ragged[name].to(table.device)}, {name: table._feature_combiners[name]},
+                    {name: table.slice_dims},
+                )
+                table._set_current(name, leaf, slices)
+                self._looked[id(leaf)] = _Looked(leaf, table, name, ids, self._batch_no, rows, table.generation)
+                out.update(slices)
         return out
 
     def _prune(self) -> None:
@@ -241,8 +246,9 @@ class HashTableFeatureFactory(FeatureFactory):
 
         Gradients of repeated ids are summed; each id's row is updated once,
         by each slice's optimizer. ``None`` gradients are skipped. Replicated
-        (multi-process): all ranks' (ids, grads) are gathered in rank order and
-        each id receives the sum over ranks divided by the world size. Every
+        (multi-process): each rank's grads are multiplied by its own ``scale``,
+        all ranks' (ids, grads) are gathered in rank order and each id receives
+        the sum over ranks divided by the world size (clip, then average). Every
         rank must call this in the same order (it is a collective).
 
         Raises:
@@ -272,9 +278,13 @@ class HashTableFeatureFactory(FeatureFactory):
                 rows = torch.cat([p[2].rows for p in pairs]) if fresh else None
                 table.apply_gradients(ids, grads, scale, step, rows=rows, rows_generation=table.generation)
             else:
+                # ``scale`` is this rank's own (a deferred clip factor from its own norm):
+                # fold it in before gathering, or each rank would apply its factor to
+                # every rank's gradients and the replicas would drift apart.
+                _scale_(grads, scale)
                 ids, grads = _all_gather_rows(ids, grads, group)
                 world = dist.get_world_size(group)
-                table.apply_gradients(ids, grads.div_(world), scale, step, insert_missing=True)
+                table.apply_gradients(ids, grads.div_(world), 1.0, step, insert_missing=True)
         self.global_step += 1
 
     def _replica_group(self):
@@ -427,6 +437,14 @@ class HashTableLayout:
         self._applied = True
         pairs = [(g, leaf) for g, leaf in zip(grads, leaves, strict=True) if g is not None]
         self.factory.apply_gradients(pairs, scale)
+
+
+def _scale_(grads: torch.Tensor, scale) -> None:
+    """Multiplies ``grads`` in place by ``scale`` (a number or a 0-d tensor); no host sync."""
+    if isinstance(scale, torch.Tensor):
+        grads.mul_(scale.detach().to(grads.device, grads.dtype))
+    elif scale != 1:
+        grads.mul_(float(scale))
 
 
 def _all_gather_rows(ids: torch.Tensor, grads: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
