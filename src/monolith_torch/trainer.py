@@ -129,7 +129,8 @@ def init_distributed(timeout_s: float) -> tuple[int, int]:
 
     Raises:
         RuntimeError: started by ``horovodrun`` (``HOROVOD_SIZE`` > 1) without
-            ``MONOLITH_WITH_HOROVOD``, where every process would train alone.
+            ``MONOLITH_WITH_HOROVOD``, or by ``torchrun`` with it, where every process
+            would train alone.
         ImportError: ``MONOLITH_WITH_HOROVOD`` set but ``horovod.torch`` not built.
     """
     from monolith_torch.allreduce import AllreduceConfig
@@ -141,6 +142,12 @@ def init_distributed(timeout_s: float) -> tuple[int, int]:
 
         hvd.init()
         rank, world = hvd.rank(), hvd.size()
+        launched = os.environ.get("WORLD_SIZE", "1")
+        if world == 1 and launched != "1":
+            raise RuntimeError(
+                f"MONOLITH_WITH_HOROVOD is set and WORLD_SIZE={launched}, but Horovod sees one "
+                "process: launch with horovodrun, or unset MONOLITH_WITH_HOROVOD for torchrun"
+            )
         if world > 1 and not dist.is_initialized():
             if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
                 addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])

@@ -222,6 +222,19 @@ def test_train_under_horovodrun_ends_identical_on_both_ranks(tmp_path):
     assert "allreduce.monolith." in (tmp_path / "tl.json").read_text()
 
 
+@needs_horovod
+@pytest.mark.timeout(60)
+def test_monolith_with_horovod_outside_horovodrun_is_a_clear_error():
+    # In a child process: hvd.init() starts Horovod's background thread for good.
+    code = "from monolith_torch.trainer import init_distributed; init_distributed(5.0)"
+    env = dict(os.environ, MONOLITH_WITH_HOROVOD="1", WORLD_SIZE="2")
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=50
+    )
+    assert proc.returncode != 0
+    assert "RuntimeError" in proc.stderr and "WORLD_SIZE=2" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_horovodrun_without_monolith_with_horovod_is_a_clear_error(monkeypatch):
     from monolith_torch.trainer import init_distributed
 
