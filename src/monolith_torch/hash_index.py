@@ -205,7 +205,7 @@ class HashIndex:
         if miss_idx.numel() == 0:
             return rows, keys.new_zeros(0)
         missed = keys.index_select(0, miss_idx)
-        new_keys = torch.unique(missed)
+        new_keys, inverse = torch.unique(missed, return_inverse=True)
         new_rows = torch.arange(
             self._num_rows, self._num_rows + new_keys.numel(), dtype=torch.int64, device=self._device
         )
@@ -213,7 +213,7 @@ class HashIndex:
         self._place(new_keys, new_rows, fresh=self._num_live == 0 and self._num_removed == 0)
         self._num_live += new_keys.numel()
         self._num_rows += new_keys.numel()
-        rows.index_copy_(0, miss_idx, new_rows.index_select(0, torch.searchsorted(new_keys, missed)))
+        rows.index_copy_(0, miss_idx, new_rows.index_select(0, inverse))
         return rows, new_keys
 
     def _reserve(self, extra: int) -> None:
@@ -234,7 +234,9 @@ class HashIndex:
         # than 8 ids for one bucket) for the general rounds.
         order = torch.argsort(bucket, stable=True)
         bucket, keys, rows32 = bucket[order], keys[order], rows32[order]
-        rank = torch.arange(keys.numel(), device=self._device) - torch.searchsorted(bucket, bucket)
+        _, counts = torch.unique_consecutive(bucket, return_counts=True)
+        starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts, output_size=keys.numel())
+        rank = torch.arange(keys.numel(), device=self._device) - starts
         fits = rank < _BUCKET
         pos = (bucket * _BUCKET + rank)[fits]
         self._keys.index_copy_(0, pos, keys[fits])
