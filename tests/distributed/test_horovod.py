@@ -103,14 +103,17 @@ needs_horovod = pytest.mark.skipif(
 HOROVODRUN = Path(sys.executable).with_name("horovodrun")
 
 
-def _horovodrun(args: list[str], timeout_s: float, extra_env: dict | None = None):
-    """Runs ``horovodrun -np 2 --gloo -H localhost:2 <args>``; kills everything on timeout."""
-    if not HOROVODRUN.exists():
-        pytest.skip(f"{HOROVODRUN} not found (horovod installed without its launcher)")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(extra_env or {}))
+def _run(cmd: list[str], timeout_s: float, extra_env: dict | None = None) -> str:
+    """Runs ``cmd`` in its own session; on timeout kills the session and fails.
+
+    The environment is this one without launcher and MONOLITH_ variables, plus
+    ``extra_env``. Killing horovodrun's session also ends its workers: Horovod's
+    per-worker middleman kills them when horovodrun dies, even by SIGKILL.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MONOLITH_", "HOROVOD_"))}
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    cmd = [str(HOROVODRUN), "-np", str(WORLD), "--gloo", "-H", f"localhost:{WORLD}", *args]
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(extra_env or {}))
     proc = subprocess.Popen(
         cmd,
         env=env,
@@ -124,13 +127,21 @@ def _horovodrun(args: list[str], timeout_s: float, extra_env: dict | None = None
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        pytest.fail(f"horovodrun did not finish within {timeout_s}s:\n{out[-3000:]}")
+        pytest.fail(f"{cmd[0]} did not finish within {timeout_s}s:\n{out[-3000:]}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-    assert proc.returncode == 0, f"horovodrun failed ({proc.returncode}):\n{out[-4000:]}"
+    assert proc.returncode == 0, f"{cmd[:3]} failed ({proc.returncode}):\n{out[-4000:]}"
     return out
+
+
+def _horovodrun(args: list[str], timeout_s: float, extra_env: dict | None = None) -> str:
+    """Runs ``horovodrun -np 2 --gloo -H localhost:2 <args>`` with :func:`_run`."""
+    if not HOROVODRUN.exists():
+        pytest.skip(f"{HOROVODRUN} not found (horovod installed without its launcher)")
+    cmd = [str(HOROVODRUN), "-np", str(WORLD), "--gloo", "-H", f"localhost:{WORLD}", *args]
+    return _run(cmd, timeout_s, extra_env)
 
 
 @pytest.fixture(scope="module")
@@ -184,42 +195,32 @@ def test_horovod_leaves_inputs_untouched(matrix):
             assert (got is None and ref is None) or torch.equal(got, ref)
 
 
+TRAIN_FLAGS = ["--batch-size", "256", "--hidden", "32,16", "--emb-dim", "8", "--max-steps", "4"]
+TRAIN_FLAGS += ["--dist-timeout-s", "60"]
+DIGEST = re.compile(r"rank (\d) state digest ([0-9a-f]{64})")
+
+
 @needs_horovod
-@pytest.mark.timeout(300)
-def test_train_under_horovodrun_ends_identical_on_both_ranks(tmp_path):
+@pytest.mark.timeout(400)
+def test_train_under_horovodrun_ends_identical_on_both_ranks_and_as_torchrun(tmp_path):
     from monolith_torch.data import generate_criteo
 
     data = generate_criteo(str(tmp_path / "train.tsv"), 3000, seed=3)
-    run = tmp_path / "run"
+    train = [sys.executable, "-m", "monolith_torch", "train", "--data", data, *TRAIN_FLAGS]
     out = _horovodrun(
-        [
-            sys.executable,
-            "-m",
-            "monolith_torch",
-            "train",
-            "--run-dir",
-            str(run),
-            "--data",
-            data,
-            "--batch-size",
-            "256",
-            "--hidden",
-            "32,16",
-            "--emb-dim",
-            "8",
-            "--max-steps",
-            "4",
-            "--dist-timeout-s",
-            "60",
-        ],
+        [*train, "--run-dir", str(tmp_path / "hvd")],
         timeout_s=240,
         extra_env={"MONOLITH_WITH_HOROVOD": "1", "HOROVOD_TIMELINE": str(tmp_path / "tl.json")},
     )
-    digests = dict(re.findall(r"rank (\d) state digest ([0-9a-f]{64})", out))
+    digests = dict(DIGEST.findall(out))
     assert set(digests) == {"0", "1"}, out[-3000:]
     assert digests["0"] == digests["1"]
     # The dense gradients went through Horovod (allreduce_cond's op names in its timeline).
     assert "allreduce.monolith." in (tmp_path / "tl.json").read_text()
+    # The same job under torchrun (torch.distributed backend) ends in the same state.
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    out = _run([*torchrun, str(WORLD), *train[1:], "--run-dir", str(tmp_path / "torch")], 140)
+    assert dict(DIGEST.findall(out)) == digests
 
 
 @needs_horovod
