@@ -215,3 +215,27 @@ def test_sigkill_during_save_keeps_a_loadable_checkpoint(tmp_path):
         big = torch.nn.Linear(2048, 4096)
         restore_checkpoint(path, None, big)
         assert torch.equal(big.weight, torch.full((4096, 2048), 2.0))
+
+
+def test_layout_context_round_trip(tmp_path):
+    def build():
+        factory = HashTableFeatureFactory(seed=2)
+        slot = factory.create_feature_slot(FeatureSlotConfig(name="a", has_bias=True))
+        vec = slot.add_feature_slice(2)
+        fc = FeatureColumn(slot, "fa")
+        layouts = {"bias": [(fc, slot.get_bias_slice())], "vec": [(fc, vec)]}
+        return factory, layouts
+
+    ids = {"fa": RaggedTensor.from_row_lengths(torch.tensor([3, 4, 3]), torch.tensor([2, 1]))}
+    factory, layouts = build()
+    lf = factory.lookup_layout(ids, layouts)
+    ctx = NativeContext(layout_factory=lf)
+    loss = lf.get_layout("vec").sum() + lf.get_layout("bias").sum()
+    grads = torch.autograd.grad(loss, lf.flattened_layout())
+    lf.apply_gradients(list(zip(grads, lf.flattened_layout(), strict=True)))
+    save_checkpoint(tmp_path / "c", ctx, global_step=1)
+    factory2, layouts2 = build()
+    ctx2 = NativeContext(layout_factory=factory2.lookup_layout(ids, layouts2, training=False))
+    assert restore_checkpoint(tmp_path / "c", ctx2) == 1
+    q = torch.tensor([3, 4, 5])
+    assert torch.equal(factory.tables["a"].lookup(q, insert=False), factory2.tables["a"].lookup(q, insert=False))

@@ -247,3 +247,19 @@ def test_state_dict_round_trip_bit_identical():
     bad["values"] = bad["values"][:, :2]
     with pytest.raises(ValueError, match="values"):
         b.load_state_dict(bad)
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))],
+)
+def test_device_matches_cpu(device):
+    seg = _segment(3, entry.AdagradOptimizer(learning_rate=0.1), entry.RandomUniformInitializer())
+    ref, dev = _table(seg), _table(seg, device=device)
+    ids = torch.randint(0, 100, (500,), generator=torch.Generator().manual_seed(0))
+    grads = torch.randn(500, 3, generator=torch.Generator().manual_seed(1))
+    for t in (ref, dev):
+        t.lookup(ids.to(t.device))
+        t.apply_gradients(ids.to(t.device), grads.to(t.device))
+    q = torch.arange(100)
+    torch.testing.assert_close(dev.lookup(q.to(device), insert=False).cpu(), ref.lookup(q, insert=False))
