@@ -3,15 +3,14 @@
 The index behind each collisionless embedding table (Monolith keeps a cuckoo
 hash map in C++). Here the map is two flat tensors, ``keys`` [C] int64 and
 ``slots`` [C] int32 (the row of each occupied slot, ``-1`` empty, ``-2``
-removed), probed linearly bucket by bucket. Every operation works on a whole
-batch of ids at once: one probing *round* tests all still-unresolved ids
-against their current bucket with a handful of tensor ops, then moves the
-unresolved ones one bucket on.
-Ids are never Python objects and no Python loop runs over ids; the loop runs
-over rounds, whose count is the longest probe sequence in the batch.
+removed), grouped in buckets of 8 slots (one 64-byte cache line of keys) and
+probed linearly bucket by bucket. Every operation works on a whole batch of
+ids at once: one probing *round* compares all still-unresolved ids with their
+current bucket (later rounds: a window of 4, 16, 64 buckets) in a handful of
+tensor ops. Ids are never Python objects and no Python loop runs over ids;
+the loop runs over rounds, usually 1 to 3.
 
-Slots are grouped in buckets of 8 (one 64-byte cache line of keys), so one
-round compares an id with a whole bucket. Memory: 12 bytes per slot; the table doubles when live + removed entries
+Memory: 12 bytes per slot; the table doubles when live + removed entries
 exceed ``max_load`` (default 0.75) of the slots, so it holds between 16 and 32
 bytes per live row (see docs/perf/hash_table.md for the measured options).
 """
@@ -29,8 +28,6 @@ _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 _MIX = 0xFF51AFD7ED558CCD - (1 << 64)
 _BUCKET = 8
 _MIN_CAPACITY = 16
-
-
 
 
 def _check_keys(keys: torch.Tensor, name: str = "keys") -> torch.Tensor:
