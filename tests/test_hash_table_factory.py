@@ -235,11 +235,26 @@ def test_fused_layout_matches_per_feature_path():
         bias = torch.cat([fc.embedding_lookup(b) for fc, b, _ in cols2], 1)
         loss = ((vec @ dense2).squeeze(1) + bias.sum(1) - y).square().mean()
         feature_utils.apply_gradients_with_var_optimizer(ctx2, [c[0] for c in cols2], opt2, loss)
+    # Fused, through the column step function with is_fused_layout=True.
+    factory3, cols3 = _layout_model()
+    layouts3 = {"bias": [(fc, b) for fc, b, _ in cols3], "vec": [(fc, v) for fc, _, v in cols3]}
+    dense3 = torch.nn.Parameter(w.clone())
+    opt3 = torch.optim.SGD([dense3], lr=0.1)
+    lf3 = None
+    for features, y in _layout_batches():
+        lf3 = factory3.lookup_layout(features, layouts3, layout_factory=lf3)
+        pred = (lf3.get_layout("vec") @ dense3).squeeze(1) + lf3.get_layout("bias").sum(1)
+        loss = (pred - y).square().mean()
+        feature_utils.apply_gradients_with_var_optimizer(
+            NativeContext(layout_factory=lf3), [], opt3, loss, is_fused_layout=True
+        )
     q = torch.arange(10)
     for name in ("a", "b"):
-        torch.testing.assert_close(factory.tables[name].lookup(q, insert=False),
-                                   factory2.tables[name].lookup(q, insert=False))
+        for other in (factory2, factory3):
+            torch.testing.assert_close(factory.tables[name].lookup(q, insert=False),
+                                       other.tables[name].lookup(q, insert=False))
     torch.testing.assert_close(dense, dense2)
+    torch.testing.assert_close(dense, dense3)
     with pytest.raises(RuntimeError, match="applied already"):
         lf.apply_gradients([(torch.zeros(8, 2), lf.get_layout("bias"))])
 
