@@ -506,3 +506,16 @@ def test_use_allreduce_without_process_group_is_a_logged_noop(caplog):
     assert not result.allreduced and not result.deferred_clip
     assert var.item() == 0.5
     assert sum("allreduce skipped" in r.message for r in caplog.records) == 1
+
+
+def test_feature_slot_config_needs_a_name_or_slot_id():
+    from monolith_torch import FeatureSlotConfig
+
+    with pytest.raises(ValueError, match="name or a slot_id"):
+        FeatureSlotConfig()
+    assert FeatureSlotConfig(slot_id=7).name == "7"
+    s = make_embedding_setup()
+    assert s.ctx.create_feature_slot(FeatureSlotConfig(name="12")).slot == 12
+    assert s.ctx.create_feature_slot(FeatureSlotConfig(name="user", slot_id=3)).slot == 3
+    with pytest.raises(ValueError, match="not an integer"):
+        _ = s.ctx.create_feature_slot(FeatureSlotConfig(name="user")).slot

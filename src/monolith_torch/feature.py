@@ -102,6 +102,8 @@ class FeatureSlotConfig:
 
     def __post_init__(self):
         if not self.name:
+            if self.slot_id is None:
+                raise ValueError("FeatureSlotConfig needs a name or a slot_id, got neither")
             self.name = str(self.slot_id)
         if not isinstance(self.occurrence_threshold, int) or self.occurrence_threshold < 0:
             raise ValueError(f"Invalid occurrence_threshold: {self.occurrence_threshold!r} (expected an int >= 0)")
@@ -179,7 +181,13 @@ class FeatureSlot:
 
     @property
     def slot(self) -> int:
-        return int(self._config.name)
+        """The slot id: ``config.slot_id``, else the name read as an integer (Monolith's convention)."""
+        if self._config.slot_id is not None:
+            return int(self._config.slot_id)
+        try:
+            return int(self._config.name)
+        except ValueError:
+            raise ValueError(f"slot {self._config.name!r} has no slot_id and its name is not an integer") from None
 
     @property
     def name(self) -> str:
