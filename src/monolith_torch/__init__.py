@@ -8,7 +8,9 @@ docs/MAPPING.md for where each Monolith symbol lives here.
 from monolith_torch import clip_ops, distribution_ops, embedding_combiners, entry
 from monolith_torch.allreduce import AllreduceConfig, allreduce_cond
 from monolith_torch.async_function_mgr import AsyncFunctionMgr
+from monolith_torch.checkpoint import CheckpointError, restore_checkpoint, save_checkpoint
 from monolith_torch.embedding_combiners import FirstN, ReduceMean, ReduceSum
+from monolith_torch.embedding_table import EmbeddingTable
 from monolith_torch.feature import (
     EmbeddingLayoutFactory,
     FeatureColumn,
@@ -20,8 +22,6 @@ from monolith_torch.feature import (
     FeatureSlotConfig,
     create_embedding_slices,
 )
-from monolith_torch.checkpoint import CheckpointError, restore_checkpoint, save_checkpoint
-from monolith_torch.embedding_table import EmbeddingTable
 from monolith_torch.feature_utils import apply_gradients, apply_gradients_with_var_optimizer
 from monolith_torch.hash_table_factory import HashTableFeatureFactory
 from monolith_torch.native_context import NativeContext
