@@ -11,18 +11,34 @@ over the target (``os.replace`` is atomic on POSIX) and fsyncs the directory,
 so a process killed mid-save leaves the previous checkpoint intact. A load
 checks the length and checksum before unpickling anything, and a restore
 validates every part against the live objects before changing any of them.
+
+Sharded tables (``HashTableFeatureFactory(sharded=True)`` over several
+processes): ``save_checkpoint`` is then a collective. Each rank writes its own
+rows to ``<path>.<token>.shard-<rank>-of-<world>`` (same file format, written
+atomically), then rank 0 writes the manifest at ``path`` (world size, shard file
+names and their sha256, dense model, optimizer, global step), last, by rename:
+a save that dies part-way leaves no manifest, and the previous checkpoint at
+``path`` (if any) keeps its own shard files, since ``token`` is new for every
+save. The directory must be shared by all ranks (one machine or a shared file
+system). ``restore_checkpoint`` of a manifest reads the shards, checks each
+one's checksum against the manifest, and loads onto any number of ranks: each
+keeps the rows it owns under the new world size (re-hashing), reading only its
+own shard when the world size is unchanged.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import os
+import secrets
 from collections.abc import Mapping
 
 import torch
+import torch.distributed as dist
 
-__all__ = ["save_checkpoint", "restore_checkpoint", "load_checkpoint_file", "CheckpointError"]
+__all__ = ["save_checkpoint", "restore_checkpoint", "load_checkpoint_file", "remove_checkpoint", "CheckpointError"]
 
 _MAGIC = b"MTCKPT1\n"
 _HEADER_LEN = len(_MAGIC) + 64 + 1 + 20 + 1
@@ -99,13 +115,23 @@ def save_checkpoint(path, ctx, model=None, optimizer=None, global_step=None) -> 
     if owner is not None and hasattr(owner, "evict_expired"):
         # As Monolith: rows past their expire_time are dropped when saving.
         owner.evict_expired()
+    step = _step_value(global_step)
+    group = owner.shard_group() if owner is not None and hasattr(owner, "shard_group") else None
+    if group is not None:
+        return _save_sharded(path, owner, group, model, optimizer, step)
     payload = {
         "format": _FORMAT,
         "tables": owner.state_dict() if owner is not None else None,
         "model": model.state_dict() if model is not None else None,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "global_step": _step_value(global_step),
+        "global_step": step,
     }
+    _write_file(path, payload)
+    return path
+
+
+def _write_file(path: str, payload: dict) -> str:
+    """Writes ``payload`` atomically in the checkpoint format; returns its sha256 (hex)."""
     buf = io.BytesIO()
     torch.save(payload, buf)
     data = buf.getbuffer()
@@ -125,7 +151,67 @@ def save_checkpoint(path, ctx, model=None, optimizer=None, global_step=None) -> 
             os.unlink(tmp)
         raise
     _fsync_dir(directory)
+    return digest.decode()
+
+
+def _shard_name(path: str, token: str, rank: int, world: int) -> str:
+    return f"{os.path.basename(path)}.{token}.shard-{rank:05d}-of-{world:05d}"
+
+
+def _save_sharded(path: str, owner, group, model, optimizer, step) -> str:
+    """Each rank writes its shard; rank 0 writes the manifest last. A collective."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    token = [secrets.token_hex(6) if rank == 0 else None]
+    dist.broadcast_object_list(token, src=dist.get_global_rank(group, 0), group=group)
+    directory = os.path.dirname(os.path.abspath(path))
+    name = _shard_name(path, token[0], rank, world)
+    try:
+        digest = _write_file(os.path.join(directory, name), {"format": _FORMAT, "tables": owner.state_dict()})
+        mine = (name, digest, None)
+    except Exception as e:  # reported to every rank below, so none of them waits forever
+        mine = (name, None, f"{type(e).__name__}: {e}")
+    shards: list = [None] * world
+    dist.all_gather_object(shards, mine, group=group)
+    failed = [f"rank {r}: {s[2]}" for r, s in enumerate(shards) if s[2] is not None]
+    if failed:
+        raise OSError(f"sharded checkpoint {path!r} not written (no manifest): {'; '.join(failed)}")
+    error = [None]
+    if rank == 0:
+        manifest = {
+            "format": _FORMAT,
+            "tables": None,
+            "shards": {"world": world, "files": [s[0] for s in shards], "sha256": [s[1] for s in shards]},
+            "model": model.state_dict() if model is not None else None,
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "global_step": step,
+        }
+        try:
+            _write_file(path, manifest)
+            _remove_stale_shards(path, {s[0] for s in shards})
+        except Exception as e:
+            error[0] = f"{type(e).__name__}: {e}"
+    dist.broadcast_object_list(error, src=dist.get_global_rank(group, 0), group=group)
+    if error[0] is not None:
+        raise OSError(f"sharded checkpoint {path!r}: the manifest was not written: {error[0]}")
     return path
+
+
+def _shard_files(path: str) -> list[str]:
+    return glob.glob(glob.escape(os.path.abspath(path)) + ".*.shard-*-of-*")
+
+
+def _remove_stale_shards(path: str, keep: set[str]) -> None:
+    for f in _shard_files(path):
+        if os.path.basename(f) not in keep:
+            os.unlink(f)
+
+
+def remove_checkpoint(path) -> None:
+    """Deletes the checkpoint at ``path`` and, for a sharded one, its shard files."""
+    path = os.fspath(path)
+    if os.path.exists(path):
+        os.unlink(path)
+    _remove_stale_shards(path, set())
 
 
 def load_checkpoint_file(path) -> dict:
@@ -135,6 +221,10 @@ def load_checkpoint_file(path) -> dict:
         CheckpointError: missing, truncated, not a checkpoint, or checksum mismatch;
             the message names the file.
     """
+    return _read_file(path)[0]
+
+
+def _read_file(path) -> tuple[dict, str]:
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
@@ -161,7 +251,33 @@ def load_checkpoint_file(path) -> dict:
         raise CheckpointError(f"checkpoint {path!r} could not be unpickled: {e}") from e
     if not isinstance(payload, Mapping) or payload.get("format") != _FORMAT:
         raise CheckpointError(f"checkpoint {path!r} has an unknown format")
-    return dict(payload)
+    return dict(payload), digest
+
+
+def _sharded_tables(path: str, payload: Mapping, owner) -> dict:
+    """The table state of a manifest: the shards this process needs, merged; checksums checked."""
+    from monolith_torch.sharding import merge_table_states
+
+    shards = payload["shards"]
+    world, files, digests = shards["world"], shards["files"], shards["sha256"]
+    info = owner.shard_info() if hasattr(owner, "shard_info") else None
+    wanted = [info[0]] if info is not None and info[1] == world else range(world)
+    directory = os.path.dirname(os.path.abspath(path))
+    states = []
+    for r in wanted:
+        shard_path = os.path.join(directory, files[r])
+        shard, digest = _read_file(shard_path)
+        if digest != digests[r]:
+            raise CheckpointError(f"checkpoint {path!r}: shard {shard_path!r} does not match the manifest's sha256")
+        states.append(shard["tables"])
+    try:
+        names = states[0]["tables"].keys()
+        return {
+            **{k: v for k, v in states[0].items() if k not in ("tables", "shard")},
+            "tables": {n: merge_table_states([s["tables"][n] for s in states]) for n in names},
+        }
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path!r}: its shards do not fit together: {e}") from e
 
 
 def _check_model(path: str, model, saved) -> None:
@@ -210,6 +326,8 @@ def restore_checkpoint(path, ctx, model=None, optimizer=None, global_step=None) 
     path = os.fspath(path)
     payload = load_checkpoint_file(path)
     owner = _table_owner(ctx)
+    if owner is not None and payload.get("shards") is not None:
+        payload["tables"] = _sharded_tables(path, payload, owner)
     if owner is not None:
         if payload["tables"] is None:
             raise CheckpointError(f"checkpoint {path!r} holds no embedding tables")

@@ -5,7 +5,9 @@ over ``multi_hash_table``): one ``EmbeddingTable`` per slot; ``lookup`` turns
 a batch of ragged ids into per-feature leaf tensors and slices, and
 ``apply_gradients`` routes the leaves' gradients back to the rows. With
 ``torch.distributed`` initialized and more than one process, the tables are
-replicas: every rank applies the per-id average of all ranks' gradients.
+replicas (every rank applies the per-id average of all ranks' gradients), or,
+with ``sharded=True``, row-wise shards: each id's row lives on one owner rank
+and lookups and gradients travel with ``all_to_all`` (see ``sharding``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from monolith_torch.feature import (
     create_embedding_slices,
 )
 from monolith_torch.ragged import RaggedTensor, as_ragged
+from monolith_torch.sharding import select_owned, sharded_apply_gradients, sharded_lookup
 
 __all__ = ["HashTableFeatureFactory", "HashTableLayout"]
 
@@ -78,6 +81,14 @@ class HashTableFeatureFactory(FeatureFactory):
             process, else updates are local.
         max_pending_lookups: how many recent ``lookup`` calls keep their leaves
             resolvable by ``apply_gradients`` (a step may apply a batch late).
+        sharded: shard every table row-wise over the group instead of
+            replicating it (explicit, never automatic: a sharded factory's
+            ``lookup`` is a collective, so every rank must call it in step,
+            which a replicated one does not require). Without a group of more
+            than one process it behaves as a plain local factory.
+        exchange_timeout_s: seconds each sharded exchange may wait for its
+            peers before raising ``ShardExchangeError``; None uses the process
+            group's timeout.
 
     Attributes:
         global_step: apply_gradients calls so far; the learning-rate functions
@@ -91,8 +102,17 @@ class HashTableFeatureFactory(FeatureFactory):
         device=None,
         process_group=None,
         max_pending_lookups: int = 4,
+        sharded: bool = False,
+        exchange_timeout_s: float | None = None,
     ):
         super().__init__()
+        if not isinstance(sharded, bool):
+            raise TypeError(f"sharded must be a bool, got {type(sharded).__name__}")
+        if exchange_timeout_s is not None and (
+            isinstance(exchange_timeout_s, bool) or not isinstance(exchange_timeout_s, int | float)
+            or not exchange_timeout_s > 0
+        ):
+            raise ValueError(f"Invalid exchange_timeout_s: {exchange_timeout_s!r} (expected a number > 0 or None)")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if not isinstance(max_pending_lookups, int) or max_pending_lookups < 1:
@@ -102,6 +122,8 @@ class HashTableFeatureFactory(FeatureFactory):
         self._device = device
         self._process_group = process_group
         self._max_pending = max_pending_lookups
+        self.sharded = sharded
+        self._exchange_timeout = exchange_timeout_s
         self._tables: dict[str, EmbeddingTable] = {}
         self._slots: dict[str, FeatureSlot] = {}
         self._looked: dict[int, _Looked] = {}
@@ -189,6 +211,8 @@ class HashTableFeatureFactory(FeatureFactory):
         ragged = {name: _validate_ragged(name, features[name]) for name in sorted(features)}
         self._batch_no += 1
         self._prune()
+        if self.shard_group() is not None:
+            return self._lookup_sharded(ragged, training)
         out: dict[str, torch.Tensor] = {}
         for table in self._tables.values():
             names = [n for n in table.feature_names if n in ragged]
@@ -206,6 +230,32 @@ class HashTableFeatureFactory(FeatureFactory):
                 )
                 table._set_current(name, leaf, slices)
                 self._looked[id(leaf)] = _Looked(leaf, table, name, ids, self._batch_no, rows, table.generation)
+                out.update(slices)
+        return out
+
+    def _lookup_sharded(self, ragged: Mapping[str, RaggedTensor], training: bool) -> dict[str, torch.Tensor]:
+        # Every rank registers the same slots and features (lookup checks that all
+        # are present), so every rank sends the same tables in the same order.
+        plan = []
+        for table in self._tables.values():
+            names = [n for n in table.feature_names if n in ragged]
+            if names:
+                plan.append((table, names, [ragged[n].values.to(table.device, torch.int64) for n in names]))
+        values = sharded_lookup(
+            [p[0] for p in plan], [torch.cat(p[2]) for p in plan], training, self.shard_group(),
+            self._exchange_timeout,
+        )
+        out: dict[str, torch.Tensor] = {}
+        no_rows = torch.zeros(0, dtype=torch.int64)
+        for (table, names, ids), vals in zip(plan, values, strict=True):
+            for name, t_ids, leaf in zip(names, ids, vals.split([v.numel() for v in ids]), strict=True):
+                leaf = leaf.requires_grad_(True)
+                slices = create_embedding_slices(
+                    {name: leaf}, {name: ragged[name].to(table.device)}, {name: table._feature_combiners[name]},
+                    {name: table.slice_dims},
+                )
+                table._set_current(name, leaf, slices)
+                self._looked[id(leaf)] = _Looked(leaf, table, name, t_ids, self._batch_no, no_rows, table.generation)
                 out.update(slices)
         return out
 
@@ -259,8 +309,13 @@ class HashTableFeatureFactory(FeatureFactory):
         per_table: dict[str, list[tuple[torch.Tensor, torch.Tensor, _Looked]]] = {}
         for looked, grad in resolved:
             per_table.setdefault(looked.table.name, []).append((looked.ids, grad, looked))
-        group = self._replica_group()
         step = self.global_step
+        shard_group = self.shard_group()
+        if shard_group is not None:
+            self._apply_sharded(per_table, scale, step, shard_group)
+            self.global_step += 1
+            return
+        group = self._replica_group()
         for name, table in self._tables.items():
             pairs = per_table.get(name, [])
             if group is None and not pairs:
@@ -287,11 +342,42 @@ class HashTableFeatureFactory(FeatureFactory):
                 table.apply_gradients(ids, grads.div_(world), 1.0, step, insert_missing=True)
         self.global_step += 1
 
-    def _replica_group(self):
+    def _apply_sharded(self, per_table, scale, step: int, group) -> None:
+        # Every table takes part every step, with or without gradients, so the
+        # ranks' collectives line up (a rank may have no gradient for a table).
+        tables, ids, grads = [], [], []
+        for name, table in self._tables.items():
+            pairs = per_table.get(name, [])
+            t_ids = torch.cat([p[0] for p in pairs]) if pairs else torch.zeros(0, dtype=torch.int64, device=table.device)
+            t_grads = (
+                torch.cat([p[1].detach().to(table.device, torch.float32) for p in pairs])
+                if pairs
+                else torch.zeros((0, table.dim), device=table.device)
+            )
+            ids.append(table.check_gradients(t_ids, t_grads))
+            grads.append(t_grads)
+            tables.append(table)
+        sharded_apply_gradients(tables, ids, grads, scale, step, group, self._exchange_timeout)
+
+    def _group(self):
         if not dist.is_available() or not dist.is_initialized():
             return None
         group = self._process_group if self._process_group is not None else dist.group.WORLD
         return group if dist.get_world_size(group) > 1 else None
+
+    def _replica_group(self):
+        return None if self.sharded else self._group()
+
+    def shard_group(self):
+        """The process group the tables are sharded over (None: not sharded, or one process)."""
+        return self._group() if self.sharded else None
+
+    def shard_info(self) -> tuple[int, int] | None:
+        """(rank, world size) when the tables are sharded over more than one process, else None."""
+        group = self.shard_group()
+        if group is None:
+            return None
+        return dist.get_rank(group), dist.get_world_size(group)
 
     # -- fused layout ------------------------------------------------------
 
@@ -356,11 +442,16 @@ class HashTableFeatureFactory(FeatureFactory):
         return {name: t.evict_expired(now) for name, t in self._tables.items()}
 
     def state_dict(self) -> dict:
-        return {
+        """Seed, global step and every table's rows; sharded: this rank's rows and ``"shard"`` (rank, world)."""
+        state = {
             "seed": self.seed,
             "global_step": self.global_step,
             "tables": {name: t.state_dict() for name, t in self._tables.items()},
         }
+        info = self.shard_info()
+        if info is not None:
+            state["shard"] = {"rank": info[0], "world": info[1]}
+        return state
 
     def check_state_dict(self, state: Mapping) -> None:
         """Raises if ``state`` does not match this factory's slots; changes nothing."""
@@ -374,10 +465,17 @@ class HashTableFeatureFactory(FeatureFactory):
             table.check_state_dict(state["tables"][name])
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Restores every table; validates all of them first."""
+        """Restores every table; validates all of them first.
+
+        Sharded: keeps only the rows this rank owns, so ``state`` may hold any
+        superset of them (e.g. all shards of a checkpoint written by another
+        number of ranks, merged).
+        """
         self.check_state_dict(state)
+        info = self.shard_info()
         for name, table in self._tables.items():
-            table.load_state_dict(state["tables"][name])
+            t_state = state["tables"][name]
+            table.load_state_dict(t_state if info is None else select_owned(t_state, *info))
         self.global_step = int(state.get("global_step", 0))
         self._looked.clear()
 

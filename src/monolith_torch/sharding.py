@@ -1,0 +1,280 @@
+"""Row-wise sharded embedding tables: every id's row lives on exactly one rank.
+
+The owner of an id is ``fmix64(id) mod world`` (MurmurHash3's 64-bit
+finalizer, so sequential ids spread evenly), as TorchRec's row-wise sharding
+and Monolith's sync training place rows. ``HashTableFeatureFactory(sharded=True)``
+uses the functions here:
+
+- ``sharded_lookup``: each rank deduplicates its ids per table, sends the
+  unique ids (with their occurrence counts when training, so the owner's
+  occurrence filter counts every rank's occurrences) to their owners with one
+  ``all_to_all_single``; owners look the rows up (creating admitted rows) and
+  send the values back with a second one.
+- ``sharded_apply_gradients``: each rank sums the gradients of its duplicate
+  ids, folds in ``scale / world``, and sends (id, gradient) rows to the owners
+  in one ``all_to_all_single``; each owner applies the per-id sum with its
+  slices' optimizers.
+
+All tables travel in one collective per direction (blocks grouped by peer,
+then table), after one small ``all_to_all_single`` of the [world, tables]
+block sizes. gloo implements ``all_to_all_single`` with uneven splits on CPU
+(its list form ``all_to_all`` needs equal sizes, so it is not used); NCCL on
+GPU. Tensors are exchanged on the table's device.
+
+Checkpoint helpers (``select_owned``, ``merge_table_states``) let a shard set
+written by ``world`` ranks be restored onto any number of ranks by re-hashing.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "ShardExchangeError",
+    "shard_owner",
+    "sharded_lookup",
+    "sharded_apply_gradients",
+    "select_owned",
+    "merge_table_states",
+]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed64(x: int) -> int:
+    x &= _MASK64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+# MurmurHash3 fmix64 constants as signed int64, so torch multiplies with wraparound.
+_FMIX_C1 = _signed64(0xFF51AFD7ED558CCD)
+_FMIX_C2 = _signed64(0xC4CEB9FE1A85EC53)
+
+
+class ShardExchangeError(RuntimeError):
+    """A sharded-table exchange failed: a peer died, left, or did not answer within the timeout."""
+
+
+def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def shard_owner(ids: torch.Tensor, world: int) -> torch.Tensor:
+    """The owning rank [N] (int64, in ``[0, world)``) of each id in ``ids`` [N].
+
+    A fixed function of the id and ``world`` only (no seed, no process state),
+    so every rank, and a restore onto another world size, agree on it.
+
+    Raises:
+        ValueError: ``world`` < 1.
+    """
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"Invalid world: {world!r} (expected an int >= 1)")
+    x = ids.to(torch.int64)
+    x = (x ^ _srl(x, 33)) * _FMIX_C1
+    x = (x ^ _srl(x, 33)) * _FMIX_C2
+    x = x ^ _srl(x, 33)
+    return torch.remainder(x & ((1 << 63) - 1), world)
+
+
+# -- exchange primitives -------------------------------------------------------
+
+
+def _all_to_all(out, inp, out_splits, in_splits, group, timeout, what: str) -> None:
+    try:
+        work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=True)
+        if timeout is None:
+            work.wait()
+        else:
+            work.wait(timeout=datetime.timedelta(seconds=timeout))
+    except Exception as e:  # gloo/NCCL raise RuntimeError or DistBackendError subclasses
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        raise ShardExchangeError(
+            f"sharded tables: {what} failed on rank {rank} of {world} (a peer died, left the job or did not "
+            f"answer within the timeout{'' if timeout is None else f' of {timeout} s'}): {e}"
+        ) from e
+
+
+def _exchange_blocks(
+    blocks: Sequence[torch.Tensor],
+    send_counts: list[list[int]],
+    recv_counts: list[list[int]],
+    group,
+    timeout,
+    what: str,
+) -> list[torch.Tensor]:
+    """Sends table ``t``'s rows, grouped by destination rank, in one ``all_to_all_single``.
+
+    Args:
+        blocks: per table, [n_t, w_t] rows sorted by destination rank; all the same dtype.
+        send_counts: ``send_counts[p][t]``, rows of table t for rank p.
+        recv_counts: ``recv_counts[p][t]``, rows of table t coming from rank p.
+
+    Returns:
+        Per table, [sum_p recv_counts[p][t], w_t] rows ordered by source rank.
+    """
+    world, n_tables = len(send_counts), len(blocks)
+    if n_tables == 0:
+        return []
+    widths = [b.shape[1] for b in blocks]
+    chunks = [b.split([send_counts[p][t] for p in range(world)]) for t, b in enumerate(blocks)]
+    inp = torch.cat([chunks[t][p].reshape(-1) for p in range(world) for t in range(n_tables)])
+    in_splits = [sum(send_counts[p][t] * widths[t] for t in range(n_tables)) for p in range(world)]
+    out_splits = [sum(recv_counts[p][t] * widths[t] for t in range(n_tables)) for p in range(world)]
+    out = inp.new_empty(sum(out_splits))
+    _all_to_all(out, inp, out_splits, in_splits, group, timeout, what)
+    pieces = out.split([recv_counts[p][t] * widths[t] for p in range(world) for t in range(n_tables)])
+    return [
+        torch.cat([pieces[p * n_tables + t] for p in range(world)]).view(-1, widths[t]) for t in range(n_tables)
+    ]
+
+
+class _Route:
+    """Where one rank's unique ids of each table go, and how many arrive from each peer."""
+
+    def __init__(self, uniques: Sequence[torch.Tensor], group, timeout, what: str):
+        world = dist.get_world_size(group)
+        self.orders, counts = [], []
+        for u in uniques:
+            owner = shard_owner(u, world)
+            self.orders.append(torch.argsort(owner, stable=True))
+            counts.append(torch.bincount(owner, minlength=world).cpu())
+        n_tables = len(uniques)
+        send = torch.stack(counts, 1) if counts else torch.zeros((world, 0), dtype=torch.int64)
+        recv = torch.empty_like(send)
+        if n_tables:
+            _all_to_all(recv.view(-1), send.reshape(-1), [n_tables] * world, [n_tables] * world, group, timeout,
+                        f"{what} (block sizes)")
+        # Python ints for the split sizes: one host copy of [world, tables] numbers per exchange.
+        self.send_counts, self.recv_counts = send.tolist(), recv.tolist()
+        self.group, self.timeout = group, timeout
+
+
+# -- lookup and update -----------------------------------------------------------
+
+
+def sharded_lookup(tables: Sequence, ids: Sequence[torch.Tensor], training: bool, group, timeout=None):
+    """Values of ``ids[t]`` [N_t] from table ``tables[t]``'s owners: a list of [N_t, D_t].
+
+    A collective: every rank of ``group`` calls it with the same tables in the
+    same order (its own ids, possibly none). With ``training`` the owners count
+    every occurrence (from every rank) for the occurrence filter and create
+    rows for admitted ids, as ``EmbeddingTable.lookup_rows(insert=True)`` on
+    the concatenation of all ranks' ids would; without it nothing changes.
+    Ids without a row read as zeros.
+
+    Raises:
+        ShardExchangeError: a peer failed or timed out.
+    """
+    uniques, inverses, occurrences = [], [], []
+    for t_ids in ids:
+        u, inv, cnt = torch.unique(t_ids, return_inverse=True, return_counts=True)
+        uniques.append(u)
+        inverses.append(inv)
+        occurrences.append(cnt)
+    route = _Route(uniques, group, timeout, "lookup")
+    if training:
+        payload = [torch.stack([u[o], c[o]], 1) for u, c, o in zip(uniques, occurrences, route.orders, strict=True)]
+    else:
+        payload = [u[o][:, None] for u, o in zip(uniques, route.orders, strict=True)]
+    asked = _exchange_blocks(payload, route.send_counts, route.recv_counts, group, timeout, "lookup (ids)")
+    answers = []
+    for table, req in zip(tables, asked, strict=True):
+        req_ids = req[:, 0].to(table.device)
+        if training:
+            occ = req[:, 1].to(table.device)
+            # Every occurrence goes through the table's own admission logic, so the
+            # filter sees exactly what one process on the concatenated batch would.
+            first = torch.cumsum(occ, 0) - occ
+            rows = table.lookup_rows(req_ids.repeat_interleave(occ), insert=True)[first]
+        else:
+            rows = table.lookup_rows(req_ids, insert=False)
+        answers.append(table.gather(rows))
+    back = _exchange_blocks(answers, route.recv_counts, route.send_counts, group, timeout, "lookup (rows)")
+    out = []
+    for vals, order, inv in zip(back, route.orders, inverses, strict=True):
+        per_unique = torch.empty_like(vals)
+        per_unique[order] = vals
+        out.append(per_unique[inv])
+    return out
+
+
+def sharded_apply_gradients(
+    tables: Sequence, ids: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], scale, global_step: int,
+    group, timeout=None,
+) -> None:
+    """Sends per-id summed ``scale * grads / world`` to the owners; each owner updates its rows.
+
+    ``ids[t]`` [N_t] with ``grads[t]`` [N_t, D_t] (duplicates allowed). Each
+    owner applies, per id, the sum over ranks of ``scale_r * g_r / world``:
+    the average over ranks of each rank's clipped gradient, as the replicated
+    path does. Ids without a row (not admitted by the owner's occurrence
+    filter) are dropped. A collective, like ``sharded_lookup``.
+
+    Raises:
+        ShardExchangeError: a peer failed or timed out.
+    """
+    world = dist.get_world_size(group)
+    uniques, sums = [], []
+    for t_ids, g in zip(ids, grads, strict=True):
+        u, inv = torch.unique(t_ids, return_inverse=True)
+        s = torch.zeros((u.numel(), g.shape[1]), dtype=torch.float32, device=g.device).index_add_(0, inv, g.float())
+        if isinstance(scale, torch.Tensor):
+            s.mul_(scale.detach().to(s.device, torch.float32) / world)
+        else:
+            s.mul_(float(scale) / world)
+        uniques.append(u)
+        sums.append(s)
+    route = _Route(uniques, group, timeout, "gradients")
+    # Ids ride in the float buffer as raw bits (two float32 words each): one collective, no arithmetic on them.
+    payload = [
+        torch.cat([u[o].view(torch.float32).view(-1, 2), s[o]], 1)
+        for u, s, o in zip(uniques, sums, route.orders, strict=True)
+    ]
+    got = _exchange_blocks(payload, route.send_counts, route.recv_counts, group, timeout, "gradients")
+    for table, rows in zip(tables, got, strict=True):
+        rid = rows[:, :2].contiguous().view(torch.int64).view(-1)
+        table.apply_gradients(rid.to(table.device), rows[:, 2:].to(table.device), 1.0, global_step)
+
+
+# -- checkpoint helpers ----------------------------------------------------------
+
+_ROW_KEYS = ("keys", "values", "times", "counts")
+_CAND_KEYS = ("cand_keys", "cand_counts", "cand_times")
+
+
+def select_owned(state: Mapping, rank: int, world: int) -> dict:
+    """The rows (and occurrence-filter candidates) of a table ``state_dict`` that ``rank`` owns."""
+    out = dict(state)
+    keep = shard_owner(state["keys"], world) == rank
+    ckeep = shard_owner(state["cand_keys"], world) == rank
+    for k in state:
+        if k in _ROW_KEYS or k.startswith("state."):
+            out[k] = state[k][keep]
+        elif k in _CAND_KEYS:
+            out[k] = state[k][ckeep]
+    return out
+
+
+def merge_table_states(states: Sequence[Mapping]) -> dict:
+    """One table ``state_dict`` holding the rows of all ``states`` (disjoint shards of one table).
+
+    Raises:
+        ValueError: the shards disagree on their slices.
+    """
+    if not states:
+        raise ValueError("Invalid states: [] (expected at least one shard)")
+    first = states[0]
+    for i, s in enumerate(states[1:], 1):
+        if [list(x) for x in s["slices"]] != [list(x) for x in first["slices"]] or set(s) != set(first):
+            raise ValueError(f"Invalid states[{i}]: its slices or keys differ from shard 0's")
+    out = {"slices": first["slices"]}
+    for k in first:
+        if k != "slices":
+            out[k] = torch.cat([s[k] for s in states])
+    return out
