@@ -183,17 +183,20 @@ def _train_worker(rank, world, port, out, restore_from):
 def _fault_worker(rank, world, port, out, mode):
     _init(rank, world, port, timeout_s=30)
     clock = Clock()
-    factory, cols = build(clock, timeout=10)
+    factory, cols = build(clock, timeout=3 if mode == "stall" else 10)
     ctx = NativeContext(feature_factory=factory)
     train_step(factory, cols, clock, 0, rank_batch(0, world, rank))
     save_checkpoint(os.path.join(out, "good.pt"), ctx, global_step=1)
     t0 = time.monotonic()
     try:
-        if mode == "exchange":
+        if mode in ("exchange", "stall"):
             feats, _ = rank_batch(1, world, rank)
             factory.lookup(feats)
-            if rank == 1:
+            if rank == 1 and mode == "exchange":
                 os._exit(3)  # dies between the lookup and the gradient exchange
+            if rank == 1:
+                time.sleep(8)  # alive but silent: only the timeout can end rank 0's wait
+                os._exit(3)
             factory.apply_gradients([])
         else:
             if rank == 1:
@@ -321,6 +324,15 @@ def test_rank_dying_mid_exchange_fails_the_others_quickly(tmp_path):
     seconds, msg = (tmp_path / "fault_rank0.txt").read_text().split("\n", 1)
     assert msg.startswith("ShardExchangeError: sharded tables: gradients"), msg
     assert float(seconds) < 15.0, seconds  # exchange_timeout_s is 10
+
+
+@pytest.mark.timeout(90)
+def test_silent_rank_fails_the_others_within_the_exchange_timeout(tmp_path):
+    _spawn(_fault_worker, 2, (str(tmp_path), "stall"), timeout=60)
+    seconds, msg = (tmp_path / "fault_rank0.txt").read_text().split("\n", 1)
+    assert msg.startswith("ShardExchangeError: sharded tables: gradients"), msg
+    assert "timeout of 3 s" in msg
+    assert 2.5 < float(seconds) < 7.0, seconds
 
 
 @pytest.mark.timeout(90)
