@@ -48,6 +48,7 @@ class TrainConfig:
     resume: bool = False
     threads: int = 1  # 0: torch's default; 1 is fastest for these small ops on few cores (docs/PERFORMANCE.md)
     dist_timeout_s: float = 300.0
+    sharded_tables: bool = False  # shard embedding rows over the ranks instead of replicating them
     output: str = ""  # predict: where scores go (default: <run_dir>/predictions.tsv)
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 

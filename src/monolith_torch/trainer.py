@@ -2,7 +2,9 @@
 
 One process or many (``torchrun``): each rank reads every world-th batch,
 dense gradients are averaged with the allreduce path, embedding tables are
-replicated and receive identical updates, rank 0 writes logs and checkpoints.
+replicated and receive identical updates (or, with ``sharded_tables``, sharded
+row-wise: every rank then writes its shard of each checkpoint and evaluates
+too), rank 0 writes logs and checkpoints.
 Every step the ranks agree (one tiny allreduce) on whether all of them still
 have data and no one was asked to stop, so they always leave the loop together.
 """
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from monolith_torch import entry
-from monolith_torch.checkpoint import restore_checkpoint, save_checkpoint
+from monolith_torch.checkpoint import remove_checkpoint, restore_checkpoint, save_checkpoint
 from monolith_torch.data import (
     Batch,
     DataError,
@@ -185,11 +187,18 @@ def state_digest(factory: HashTableFeatureFactory, model: torch.nn.Module) -> st
     """sha256 of the model's parameters and every table's rows (sorted by id) with optimizer state.
 
     Independent of the order in which rows were inserted, so replicas that
-    hold the same state give the same digest.
+    hold the same state give the same digest. Sharded tables: a collective;
+    every rank gets the digest of the union of all shards (what one process
+    holding every row would give).
     """
     h = hashlib.sha256()
+    group = factory.shard_group()
     for name, table in sorted(factory.tables.items()):
         state = table.state_dict()
+        if group is not None:
+            shards: list = [None] * dist.get_world_size(group)
+            dist.all_gather_object(shards, {k: v for k, v in state.items() if k != "slices"}, group=group)
+            state = {k: torch.cat([s[k] for s in shards]) for k in shards[0]}
         order = torch.argsort(state["keys"])
         h.update(name.encode())
         for key in sorted(k for k in state if k == "keys" or k == "values" or k.startswith("state.")):
@@ -220,7 +229,7 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        self.factory = HashTableFeatureFactory(seed=cfg.seed)
+        self.factory = HashTableFeatureFactory(seed=cfg.seed, sharded=cfg.sharded_tables)
         self.ctx = NativeContext(feature_factory=self.factory)
         self.model = CtrModel(
             self.ctx, emb_dim=cfg.emb_dim, seq_len=cfg.seq_len, hidden=cfg.hidden,
@@ -276,15 +285,19 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def save(self) -> str | None:
-        if self.rank != 0:
+        sharded = self.factory.shard_group() is not None
+        if self.rank != 0 and not sharded:
             self.ctx.async_function_mgr.flush()
             return None
         os.makedirs(self.paths.checkpoints, exist_ok=True)
         path = self.paths.checkpoint(int(self.global_step))
+        # Sharded tables: every rank writes its shard, rank 0 the manifest (a collective).
         save_checkpoint(path, self.ctx, self.model, self.optimizer, self.global_step)
+        if self.rank != 0:
+            return path
         names = sorted(n for n in os.listdir(self.paths.checkpoints) if n.startswith("ckpt-") and n.endswith(".pt"))
         for old in names[:-_KEEP_CHECKPOINTS]:
-            os.remove(os.path.join(self.paths.checkpoints, old))
+            remove_checkpoint(os.path.join(self.paths.checkpoints, old))
         return path
 
     def restore_latest(self, required: bool) -> int:
@@ -337,7 +350,8 @@ class Trainer:
                 writer.close()
             logger.info("stopped by signal %d at step %d; checkpoint %s", self._stop_signal, int(self.global_step), path)
             raise StopRequested(self._stop_signal)
-        if self.rank == 0 and self.eval_paths():
+        # Sharded tables: lookups are collectives, so every rank evaluates (the same data).
+        if (self.rank == 0 or self.factory.shard_group() is not None) and self.eval_paths():
             metrics.update({f"eval_{k}": v for k, v in self.evaluate().items()})
         if writer is not None:
             for key in ("eval_auc", "eval_log_loss"):
