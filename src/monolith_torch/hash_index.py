@@ -1,18 +1,28 @@
-"""A vectorized int64 id -> row index: open addressing in plain torch tensors.
+"""An int64 id -> row index: open addressing in two flat torch tensors.
 
 The index behind each collisionless embedding table (Monolith keeps a cuckoo
-hash map in C++). Here the map is two flat tensors, ``keys`` [C] int64 and
+hash map in C++). The map is two flat tensors, ``keys`` [C] int64 and
 ``slots`` [C] int32 (the row of each occupied slot, ``-1`` empty, ``-2``
 removed), grouped in buckets of 8 slots (one 64-byte cache line of keys) and
-probed linearly bucket by bucket. Every operation works on a whole batch of
-ids at once: one probing *round* compares all still-unresolved ids with their
-current bucket (later rounds: a window of 4, 16, 64 buckets) in a handful of
-tensor ops. Ids are never Python objects and no Python loop runs over ids;
-the loop runs over rounds, usually 1 to 3.
+probed linearly from a key's home bucket. Only ``slots`` marks a slot empty or
+removed, so every int64 is a valid id (-1, INT64_MIN and INT64_MAX included).
 
-Memory: 12 bytes per slot; the table doubles when live + removed entries
-exceed ``max_load`` (default 0.75) of the slots, so it holds between 16 and 32
-bytes per live row (see docs/perf/hash_table.md for the measured options).
+One implementation per device type, chosen by the index's device:
+
+- CPU: numba kernels (``_hash_kernels.py``) loop over the ids of a batch on
+  zero-copy numpy views of the two tensors. A batch costs a handful of calls
+  whatever its size; plain torch needed 100 to 200 small ops per call, whose
+  dispatch cost dominated at the 4,096-id batches of one table per slot.
+- Other devices (CUDA): vectorized probing rounds in torch. One round compares
+  all still-unresolved ids with their current bucket (later rounds: a window
+  of 4, 16, 64 buckets) in a handful of tensor ops; the loop runs over rounds,
+  usually 1 to 3, never over ids.
+
+Both use the same layout and the same home bucket, so they agree on every
+lookup (the tests run both on the same streams). Memory: 12 bytes per slot;
+the table doubles when live + removed entries exceed ``max_load`` (default
+0.75) of the slots, so it holds between 16 and 32 bytes per live row (see
+docs/perf/hash_table.md for the measured options).
 """
 
 from __future__ import annotations
@@ -38,6 +48,26 @@ def _check_keys(keys: torch.Tensor, name: str = "keys") -> torch.Tensor:
     if keys.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(keys.shape)}")
     return keys.long()
+
+
+def _cpu_kernels():
+    # Imported on first use: numba's import and the kernels' compilation (or
+    # cache load) are paid only by processes that build a CPU index.
+    from monolith_torch import _hash_kernels
+
+    return _hash_kernels
+
+
+def _with_torch_rounds(index: HashIndex) -> HashIndex:
+    """Switches an empty CPU ``index`` to the torch implementation (CUDA's).
+
+    For tests and benchmarks only: it lets the CUDA code path run, and be
+    compared with the compiled one, on a machine without a GPU.
+    """
+    if len(index) or index.device.type != "cpu":
+        raise RuntimeError("_with_torch_rounds needs an empty CPU index")
+    index._kernels = None
+    return index
 
 
 def _next_pow2(n: int) -> int:
@@ -67,6 +97,10 @@ class HashIndex:
             raise ValueError(f"Invalid max_load: {max_load!r} (expected 0 < max_load <= 0.9)")
         self._max_load = float(max_load)
         self._device = torch.device(device) if device is not None else torch.device("cpu")
+        # One implementation per device type: compiled kernels over numpy views
+        # for CPU tables; batched torch probing rounds elsewhere (CUDA), where
+        # each op is one kernel launch over the whole batch.
+        self._kernels = _cpu_kernels() if self._device.type == "cpu" else None
         self._num_live = 0
         self._num_removed = 0
         self._num_rows = 0
@@ -83,6 +117,9 @@ class HashIndex:
         # [buckets, 8] views: one bucket of keys is one 64-byte cache line.
         self._bkeys = self._keys.view(self._num_buckets, _BUCKET)
         self._bslots = self._slots.view(self._num_buckets, _BUCKET)
+        if self._kernels is not None:
+            # Zero-copy numpy views for the compiled kernels.
+            self._nkeys, self._nslots = self._keys.numpy(), self._slots.numpy()
 
     def _home(self, keys: torch.Tensor) -> torch.Tensor:
         """Home bucket of each key."""
@@ -119,13 +156,17 @@ class HashIndex:
     def lookup(self, keys: torch.Tensor) -> torch.Tensor:
         """Rows of ``keys`` [N]; ``-1`` where absent. Inserts nothing.
 
-        Duplicates are fine. One host sync per probing round.
+        Duplicates are fine. CUDA: one host sync per probing round.
 
         Raises:
             TypeError: keys not an integer tensor.
             ValueError: keys not 1-D.
         """
         keys = _check_keys(keys).to(self._device)
+        if self._kernels is not None and self._num_live:
+            out = torch.empty(keys.shape, dtype=torch.int64)
+            self._kernels.lookup(self._nkeys, self._nslots, 64 - self._bits, keys.contiguous().numpy(), out.numpy())
+            return out
         out = torch.full(keys.shape, -1, dtype=torch.int64, device=self._device)
         if keys.numel() == 0 or self._num_live == 0:
             return out
@@ -197,6 +238,8 @@ class HashIndex:
             ValueError: keys not 1-D.
         """
         keys = _check_keys(keys).to(self._device)
+        if self._kernels is not None:
+            return self._insert_compiled(keys.contiguous())
         rows = self.lookup(keys)
         miss_idx = (rows < 0).nonzero().squeeze(1)
         if miss_idx.numel() == 0:
@@ -212,6 +255,24 @@ class HashIndex:
         self._num_rows += new_keys.numel()
         rows.index_copy_(0, miss_idx, new_rows.index_select(0, inverse))
         return rows, new_keys
+
+    def _insert_compiled(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.empty(keys.shape, dtype=torch.int64)
+        q, out = keys.numpy(), rows.numpy()
+        k = self._kernels
+        if self._num_live == 0:
+            out.fill(-1)
+        elif k.lookup(self._nkeys, self._nslots, 64 - self._bits, q, out) == 0:
+            return rows, keys.new_zeros(0)
+        new_keys = k.missing_keys(q, out)
+        if new_keys.size == 0:
+            return rows, keys.new_zeros(0)
+        # Room first (a rehash replaces the arrays), then place and number.
+        self._reserve(new_keys.size)
+        k.insert_missing(self._nkeys, self._nslots, 64 - self._bits, q, out, new_keys, self._num_rows)
+        self._num_live += new_keys.size
+        self._num_rows += new_keys.size
+        return rows, torch.from_numpy(new_keys)
 
     def _reserve(self, extra: int) -> None:
         need = self._num_live + self._num_removed + extra
@@ -246,8 +307,13 @@ class HashIndex:
         # Each id takes the first free slot in its window of buckets; ids
         # racing for one slot write their key, read it back, and only the id
         # whose key stayed claims it.
-        bucket = self._home(keys)
         rows32 = rows.to(torch.int32)
+        if self._kernels is not None:
+            self._kernels.place(
+                self._nkeys, self._nslots, 64 - self._bits, keys.contiguous().numpy(), rows32.contiguous().numpy()
+            )
+            return
+        bucket = self._home(keys)
         if fresh:
             keys, rows32, bucket = self._place_fresh(keys, rows32, bucket)
         width = 1
@@ -282,6 +348,12 @@ class HashIndex:
         """Removes ``keys`` (absent ones are ignored); returns the rows they held, -1 if absent."""
         keys = _check_keys(keys).to(self._device)
         keys = torch.unique(keys)
+        if self._kernels is not None:
+            rows = torch.empty(keys.shape, dtype=torch.int64)
+            n = self._kernels.remove(self._nkeys, self._nslots, 64 - self._bits, keys.numpy(), rows.numpy())
+            self._num_live -= n
+            self._num_removed += n
+            return rows
         rows = self.lookup(keys)
         present = rows >= 0
         if not bool(present.any()):

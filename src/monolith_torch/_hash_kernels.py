@@ -1,0 +1,121 @@
+"""Compiled (numba) kernels behind ``HashIndex`` for tables on the CPU.
+
+The same table layout as the torch implementation in ``hash_index.py``:
+``keys`` [C] int64 and ``slots`` [C] int32 (the row of each slot, ``-1``
+empty, ``-2`` removed), 8-slot buckets, the same home bucket per key. The
+kernels work on numpy views of the index's torch tensors (``Tensor.numpy()``
+shares memory), so no copy crosses the boundary. Only the slot value marks a
+slot empty or removed: every int64 is a valid id, INT64_MIN and -1 included.
+
+A key sits at the first slot, scanning linearly from the start of its home
+bucket, that was free (empty or removed) when it was inserted. Empty slots
+never come back (removal leaves ``-2``; only a rebuild clears them), so the
+first empty slot on a key's path ends its search. The table always keeps
+empty slots (load <= 0.9), so every scan stops.
+
+Compiled on first use and cached on disk (``cache=True``); ``nogil=True`` so
+tables on different threads do not serialize on the GIL.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_EMPTY = -1
+_REMOVED = -2
+_BUCKET = 8
+# The torch implementation's constants (hash_index.py), as uint64: unsigned
+# multiplies wrap by definition (numba marks signed ones no-signed-wrap, which
+# would make an overflow undefined).
+_MIX = np.uint64(0xFF51AFD7ED558CCD)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+_jit = numba.njit(cache=True, nogil=True)
+
+
+@_jit
+def _home_slot(key, shift, bucket_mask):
+    # The torch implementation's home bucket, bit for bit: wrapping 64-bit
+    # multiplies and arithmetic (sign-extending) shifts.
+    x = np.uint64(key) * _MIX
+    x = (x ^ np.uint64(np.int64(x) >> np.int64(32))) * _GOLDEN
+    return ((np.int64(x) >> shift) & bucket_mask) * _BUCKET
+
+
+@_jit
+def _find(tkeys, tslots, key, shift, bucket_mask, slot_mask):
+    """Slot position of ``key``, or -1."""
+    pos = _home_slot(key, shift, bucket_mask)
+    while True:
+        s = tslots[pos]
+        if s == _EMPTY:
+            return -1
+        if s >= 0 and tkeys[pos] == key:
+            return pos
+        pos = (pos + 1) & slot_mask
+
+
+@_jit
+def lookup(tkeys, tslots, shift, queries, out):
+    """out[i] = row of queries[i], -1 if absent. Returns the number absent."""
+    slot_mask = tslots.size - 1
+    bucket_mask = np.int64(tslots.size // _BUCKET - 1)
+    missing = 0
+    for i in range(queries.size):
+        pos = _find(tkeys, tslots, queries[i], shift, bucket_mask, slot_mask)
+        if pos < 0:
+            out[i] = -1
+            missing += 1
+        else:
+            out[i] = tslots[pos]
+    return missing
+
+
+@_jit
+def place(tkeys, tslots, shift, keys, rows):
+    """Stores distinct, absent ``keys`` with ``rows``, each at the first free slot on its path."""
+    slot_mask = tslots.size - 1
+    bucket_mask = np.int64(tslots.size // _BUCKET - 1)
+    for i in range(keys.size):
+        pos = _home_slot(keys[i], shift, bucket_mask)
+        while tslots[pos] >= 0:
+            pos = (pos + 1) & slot_mask
+        tkeys[pos] = keys[i]
+        tslots[pos] = rows[i]
+
+
+@_jit
+def missing_keys(queries, out):
+    """The distinct ``queries`` whose ``out`` is -1 (absent), sorted."""
+    return np.unique(queries[out < 0])
+
+
+@_jit
+def insert_missing(tkeys, tslots, shift, queries, out, new_keys, first_row):
+    """Stores ``new_keys`` (``missing_keys``' result) with rows ``first_row + j``; fills their rows into ``out``.
+
+    The caller has made room for ``new_keys.size`` more entries.
+    """
+    rows = np.arange(first_row, first_row + new_keys.size).astype(np.int32)
+    place(tkeys, tslots, shift, new_keys, rows)
+    for i in range(queries.size):
+        if out[i] < 0:
+            out[i] = first_row + np.searchsorted(new_keys, queries[i])
+
+
+@_jit
+def remove(tkeys, tslots, shift, keys, out):
+    """Removes distinct ``keys``; out[i] = the row keys[i] held, -1 if absent. Returns the number removed."""
+    slot_mask = tslots.size - 1
+    bucket_mask = np.int64(tslots.size // _BUCKET - 1)
+    removed = 0
+    for i in range(keys.size):
+        pos = _find(tkeys, tslots, keys[i], shift, bucket_mask, slot_mask)
+        if pos < 0:
+            out[i] = -1
+        else:
+            out[i] = tslots[pos]
+            tslots[pos] = _REMOVED
+            removed += 1
+    return removed
