@@ -238,7 +238,7 @@ def sharded_apply_gradients(
     ]
     got = _exchange_blocks(payload, route.send_counts, route.recv_counts, group, timeout, "gradients")
     for table, rows in zip(tables, got, strict=True):
-        rid = rows[:, :2].contiguous().view(torch.int64).view(-1)
+        rid = rows[:, :2].reshape(-1).view(torch.int64)
         table.apply_gradients(rid.to(table.device), rows[:, 2:].to(table.device), 1.0, global_step)
 
 
