@@ -210,7 +210,7 @@ def main() -> None:
         print(f"batch: {bsz:,} ids")
         for name, (look, ins, bpr) in results.items():
             print(
-                f"  {name}: lookup {bsz / look / 1e6:.2f} M ids/s, insert {bsz / ins / 1e6:.2f} M ids/s, "
+                f"  {name}: lookup {bsz / look / 1e6:.3g} M ids/s, insert {bsz / ins / 1e6:.3g} M ids/s, "
                 f"~{bpr:.0f} bytes/row; lookup time / ours {look / ours:.2f}"
             )
     if args.compile_time:
