@@ -124,6 +124,7 @@ class HashTableFeatureFactory(FeatureFactory):
         self._max_pending = max_pending_lookups
         self.sharded = sharded
         self._exchange_timeout = exchange_timeout_s
+        self._checked_layout = None  # the slot layout last agreed on by all shard ranks
         self._tables: dict[str, EmbeddingTable] = {}
         self._slots: dict[str, FeatureSlot] = {}
         self._looked: dict[int, _Looked] = {}
@@ -234,8 +235,7 @@ class HashTableFeatureFactory(FeatureFactory):
         return out
 
     def _lookup_sharded(self, ragged: Mapping[str, RaggedTensor], training: bool) -> dict[str, torch.Tensor]:
-        # Every rank registers the same slots and features (lookup checks that all
-        # are present), so every rank sends the same tables in the same order.
+        self._check_same_slots()
         plan = []
         for table in self._tables.values():
             names = [n for n in table.feature_names if n in ragged]
@@ -258,6 +258,23 @@ class HashTableFeatureFactory(FeatureFactory):
                 self._looked[id(leaf)] = _Looked(leaf, table, name, t_ids, self._batch_no, no_rows, table.generation)
                 out.update(slices)
         return out
+
+    def _check_same_slots(self) -> None:
+        """Every rank must send the same tables in the same order: checked once per slot layout."""
+        layout = [(name, t.dim, t.feature_names) for name, t in self._tables.items()]
+        if layout == self._checked_layout:
+            return
+        group = self.shard_group()
+        layouts: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(layouts, layout, group=group)
+        differ = [r for r, other in enumerate(layouts) if other != layouts[0]]
+        if differ:
+            raise RuntimeError(
+                f"sharded tables: ranks {differ} registered other slots than rank 0 "
+                f"(rank 0: {layouts[0]}; rank {differ[0]}: {layouts[differ[0]]}); every rank must create "
+                "the same slots, features and slices in the same order"
+            )
+        self._checked_layout = layout
 
     def _prune(self) -> None:
         oldest = self._batch_no - self._max_pending

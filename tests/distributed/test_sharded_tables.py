@@ -219,6 +219,21 @@ def _fault_worker(rank, world, port, out, mode):
     os._exit(0)  # the group is broken; skip its teardown
 
 
+def _mismatch_worker(rank, world, port, out):
+    _init(rank, world, port, timeout_s=30)
+    factory, cols = build(Clock(), timeout=10)
+    if rank == 1:
+        factory.create_feature_slot(FeatureSlotConfig(name="extra", slot_id=9)).add_feature_slice(2)
+    try:
+        factory.lookup(rank_batch(0, world, rank)[0])
+        msg = "no error"
+    except RuntimeError as e:
+        msg = str(e)
+    with open(os.path.join(out, f"mismatch_rank{rank}.txt"), "w") as f:
+        f.write(msg)
+    torch.distributed.destroy_process_group()
+
+
 def _spawn(target, world, args, timeout=100):
     ctx = mp.get_context("spawn")
     port = _free_port()
@@ -333,6 +348,15 @@ def test_silent_rank_fails_the_others_within_the_exchange_timeout(tmp_path):
     assert msg.startswith("ShardExchangeError: sharded tables: gradients"), msg
     assert "timeout of 3 s" in msg
     assert 2.5 < float(seconds) < 7.0, seconds
+
+
+@pytest.mark.timeout(90)
+def test_ranks_with_different_slots_fail_clearly(tmp_path):
+    codes = _spawn(_mismatch_worker, 2, (str(tmp_path),), timeout=60)
+    assert codes == [0, 0], codes
+    for rank in range(2):
+        msg = (tmp_path / f"mismatch_rank{rank}.txt").read_text()
+        assert msg.startswith("sharded tables: ranks [1] registered other slots than rank 0"), msg
 
 
 @pytest.mark.timeout(90)
