@@ -177,6 +177,11 @@ def test_exchange_on_one_rank_equals_local_table_calls(solo_group):
     sharded_apply_gradients([t1, t2], [batch1, empty], [grads, torch.zeros(0, 3)], 0.5, 0, solo_group)
     r1.apply_gradients(batch1, grads, 0.5, 0)
     torch.testing.assert_close(t1.lookup(batch1, insert=False), r1.lookup(batch1, insert=False))
+    # A 0-d tensor scale (the deferred clip factor) folds in like a float.
+    sharded_apply_gradients([t1, t2], [batch1, empty], [grads, torch.zeros(0, 3)], torch.tensor(0.25), 1,
+                            solo_group)
+    r1.apply_gradients(batch1, grads, 0.25, 1)
+    torch.testing.assert_close(t1.lookup(batch1, insert=False), r1.lookup(batch1, insert=False))
     got = sharded_lookup([t1], [ids1], False, solo_group)  # serving: no counts, no new rows
     assert torch.equal(got[0], r1.lookup(ids1, insert=False))
     assert len(t1) == len(r1)

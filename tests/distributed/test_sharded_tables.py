@@ -30,7 +30,7 @@ import torch
 import torch.multiprocessing as mp
 
 from monolith_torch import entry
-from monolith_torch.checkpoint import restore_checkpoint, save_checkpoint
+from monolith_torch.checkpoint import CheckpointError, restore_checkpoint, save_checkpoint
 from monolith_torch.feature import FeatureColumn, FeatureSlotConfig
 from monolith_torch.hash_table_factory import HashTableFeatureFactory
 from monolith_torch.native_context import NativeContext
@@ -330,7 +330,22 @@ def test_two_then_three_ranks_equal_one_process_and_reshard(tmp_path):
     got = probe(one, cols)
     for f in FEATURES:
         assert torch.equal(got[f], w2[0]["probe"][f]), f
-    assert len(list(tmp_path.glob("resharded3.pt.*.shard-*-of-00003"))) == 3
+    shard_files = sorted(tmp_path.glob("resharded3.pt.*.shard-*-of-00003"))
+    assert len(shard_files) == 3
+
+    # A shard replaced by another valid file, or missing: a clear error naming it, nothing restored.
+    fresh, _ = build(Clock(), sharded=False)
+    before = fresh.state_dict()["tables"]["sgd"]["keys"].clone()
+    other = sorted(tmp_path.glob("ckpt3.pt.*.shard-00001-of-00003"))[0]
+    good = shard_files[1].read_bytes()
+    shard_files[1].write_bytes(other.read_bytes())
+    with pytest.raises(CheckpointError, match=r"shard .*shard-00001-of-00003.* does not match the manifest"):
+        restore_checkpoint(tmp_path / "resharded3.pt", NativeContext(feature_factory=fresh))
+    shard_files[1].write_bytes(good)
+    shard_files[2].unlink()
+    with pytest.raises(CheckpointError, match="shard-00002-of-00003"):
+        restore_checkpoint(tmp_path / "resharded3.pt", NativeContext(feature_factory=fresh))
+    assert torch.equal(fresh.state_dict()["tables"]["sgd"]["keys"], before)
 
 
 @pytest.mark.timeout(90)
