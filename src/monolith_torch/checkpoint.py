@@ -101,12 +101,17 @@ def save_checkpoint(path, ctx, model=None, optimizer=None, global_step=None) -> 
         optimizer: a ``torch.optim.Optimizer`` whose ``state_dict`` is saved.
         global_step: an int or a one-element tensor.
 
+    With a sharded factory over several processes this is a collective: every
+    rank calls it with the same ``path``; each writes its shard, rank 0 the
+    manifest at ``path`` (see the module docstring).
+
     Returns:
         The path written.
 
     Raises:
         TypeError: a bad ``global_step``.
-        OSError: the write failed; the previous file at ``path`` is untouched.
+        OSError: the write failed (sharded: on any rank, reported on every rank);
+            the previous file at ``path`` is untouched and no manifest is written.
     """
     path = os.fspath(path)
     if ctx is not None and getattr(ctx, "async_function_mgr", None) is not None:
