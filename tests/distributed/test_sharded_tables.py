@@ -168,6 +168,11 @@ def _train_worker(rank, world, port, out, restore_from):
         result = {"state": factory.state_dict(), "probe": probe(factory, cols)}
         save_checkpoint(os.path.join(out, f"ckpt{world}.pt"), NativeContext(feature_factory=factory),
                         global_step=STEPS)
+        # Same world size: each rank reads only its own shard.
+        same, same_cols = build(clock)
+        restore_checkpoint(os.path.join(out, f"ckpt{world}.pt"), NativeContext(feature_factory=same))
+        result["same_world_probe"] = probe(same, same_cols)
+        result["same_world_rows"] = {n: len(t) for n, t in same.tables.items()}
         if restore_from:
             factory2, cols2 = build(clock)
             ctx2 = NativeContext(feature_factory=factory2)
@@ -301,6 +306,9 @@ def _check_equal_single_process(world, results):
         torch.cat([rank_batch(s, world, None)[0]["c"].values for s in range(STEPS)])).numel(), "nothing expired"
     ref_probe = probe(ref, cols)
     for r in results:
+        assert r["same_world_rows"] == {n: len(t["keys"]) for n, t in r["state"]["tables"].items()}
+        for f in FEATURES:
+            assert torch.equal(r["same_world_probe"][f], r["probe"][f]), f
         for f in FEATURES:
             torch.testing.assert_close(r["probe"][f], ref_probe[f], rtol=1e-5, atol=1e-6)
 
