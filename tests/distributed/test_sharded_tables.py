@@ -239,6 +239,44 @@ def _mismatch_worker(rank, world, port, out):
     torch.distributed.destroy_process_group()
 
 
+def _step_model(clock, sharded):
+    factory, cols = build(clock, sharded=sharded)
+    ctx = NativeContext(feature_factory=factory)
+    dense = torch.nn.Linear(sum(cols[f][2] for f in FEATURES), 1)
+    with torch.no_grad():
+        dense.weight.copy_(torch.linspace(-1.0, 1.0, dense.weight.numel()).view_as(dense.weight))
+        dense.bias.fill_(0.1)
+    return factory, cols, ctx, dense, torch.optim.SGD(dense.parameters(), lr=0.1, momentum=0.9)
+
+
+def _train_with_step_function(clock, model, batches, use_allreduce):
+    from monolith_torch.feature_utils import GradClipType, apply_gradients_with_var_optimizer
+
+    factory, cols, ctx, dense, opt = model
+    for s, (feats, y) in enumerate(batches):
+        clock.now = T0 + s * DAY * 35 // 100
+        factory.lookup(feats)
+        x = torch.cat([cols[f][0].embedding_lookup(cols[f][1]) for f in FEATURES], 1)
+        pred = dense(x).squeeze(1) + cols["a"][0].get_bias().squeeze(1)
+        loss = (pred - y).square().mean()
+        apply_gradients_with_var_optimizer(
+            ctx, [cols[f][0] for f in FEATURES], opt, loss, clip_type=GradClipType.NoClip,
+            use_allreduce=use_allreduce, model=dense,
+        )
+    return {"tables": factory.state_dict()["tables"], "dense": {k: v.clone() for k, v in dense.state_dict().items()}}
+
+
+def _step_worker(rank, world, port, out):
+    _init(rank, world, port)
+    try:
+        clock = Clock()
+        result = _train_with_step_function(
+            clock, _step_model(clock, True), [rank_batch(s, world, rank) for s in range(STEPS)], True)
+        torch.save(result, os.path.join(out, f"step_rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def _spawn(target, world, args, timeout=100):
     ctx = mp.get_context("spawn")
     port = _free_port()
@@ -354,6 +392,24 @@ def test_two_then_three_ranks_equal_one_process_and_reshard(tmp_path):
     with pytest.raises(CheckpointError, match="shard-00002-of-00003"):
         restore_checkpoint(tmp_path / "resharded3.pt", NativeContext(feature_factory=fresh))
     assert torch.equal(fresh.state_dict()["tables"]["sgd"]["keys"], before)
+
+
+@pytest.mark.timeout(90)
+def test_step_function_on_two_ranks_equals_one_process(tmp_path):
+    # apply_gradients_with_var_optimizer unchanged: dense allreduce + sharded embedding updates.
+    assert _spawn(_step_worker, 2, (str(tmp_path),)) == [0, 0]
+    ranks = [torch.load(tmp_path / f"step_rank{r}.pt") for r in range(2)]
+    clock = Clock()
+    ref = _train_with_step_function(
+        clock, _step_model(clock, False), [rank_batch(s, 2, None) for s in range(STEPS)], False)
+    for k, v in ref["dense"].items():
+        assert torch.equal(ranks[0]["dense"][k], ranks[1]["dense"][k]), k
+        torch.testing.assert_close(ranks[0]["dense"][k], v, rtol=1e-5, atol=1e-6)
+    for name, expected in ref["tables"].items():
+        got, want = _sorted(_union([r["tables"][name] for r in ranks])), _sorted(expected)
+        assert torch.equal(got["keys"], want["keys"]) and torch.equal(got["counts"], want["counts"]), name
+        scale = float(want["values"].abs().max())
+        torch.testing.assert_close(got["values"], want["values"], rtol=1e-5, atol=1e-6 * scale)
 
 
 @pytest.mark.timeout(90)
