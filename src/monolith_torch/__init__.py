@@ -8,7 +8,12 @@ docs/MAPPING.md for where each Monolith symbol lives here.
 from monolith_torch import clip_ops, distribution_ops, embedding_combiners, entry
 from monolith_torch.allreduce import AllreduceConfig, allreduce_cond
 from monolith_torch.async_function_mgr import AsyncFunctionMgr
-from monolith_torch.checkpoint import CheckpointError, restore_checkpoint, save_checkpoint
+from monolith_torch.checkpoint import (
+    CheckpointError,
+    remove_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from monolith_torch.embedding_combiners import FirstN, ReduceMean, ReduceSum
 from monolith_torch.embedding_table import EmbeddingTable
 from monolith_torch.feature import (
@@ -27,6 +32,7 @@ from monolith_torch.hash_table_factory import HashTableFeatureFactory
 from monolith_torch.native_context import NativeContext
 from monolith_torch.ragged import RaggedTensor
 from monolith_torch.seq_mask import gen_seq_mask
+from monolith_torch.sharding import ShardExchangeError
 from monolith_torch.step_types import GradClipType, StepResult
 
 __version__ = "0.1.0"
@@ -49,6 +55,7 @@ __all__ = [
     "HashTableFeatureFactory",
     "NativeContext",
     "RaggedTensor",
+    "ShardExchangeError",
     "ReduceMean",
     "ReduceSum",
     "StepResult",
@@ -61,6 +68,7 @@ __all__ = [
     "embedding_combiners",
     "entry",
     "gen_seq_mask",
+    "remove_checkpoint",
     "restore_checkpoint",
     "save_checkpoint",
 ]

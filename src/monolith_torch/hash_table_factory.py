@@ -546,11 +546,12 @@ class HashTableLayout:
         if self._applied:
             raise RuntimeError("the gradients of this layout batch were applied already; look up a new batch")
         leaves = self._feature_leaves
-        if not outputs:
-            return
-        grads = torch.autograd.grad(outputs, leaves, grad_outputs, allow_unused=True)
+        pairs = []
+        if outputs:
+            grads = torch.autograd.grad(outputs, leaves, grad_outputs, allow_unused=True)
+            pairs = [(g, leaf) for g, leaf in zip(grads, leaves, strict=True) if g is not None]
         self._applied = True
-        pairs = [(g, leaf) for g, leaf in zip(grads, leaves, strict=True) if g is not None]
+        # Called even with nothing to apply: replicated and sharded tables update collectively.
         self.factory.apply_gradients(pairs, scale)
 
 
