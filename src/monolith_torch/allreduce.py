@@ -29,6 +29,7 @@ from monolith_torch.distribution_ops import (
     _concat_unchecked,
     _layout,
     _split_unchecked,
+    check_scale,
 )
 
 __all__ = [
@@ -387,19 +388,6 @@ def compressor_for(compression: str | None) -> NoneCompressor | HalfCompressor:
 # --- allreduce_cond --------------------------------------------------------------------
 
 
-def _check_scale(scale: object) -> None:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.Tensor)):
-        raise TypeError(
-            f"scale must be a python float or a 0-d floating tensor, got "
-            f"{type(scale).__name__}: {scale!r}"
-        )
-    if isinstance(scale, torch.Tensor):
-        if scale.dim() != 0:
-            raise ValueError(f"scale must be a 0-d tensor, got shape {tuple(scale.shape)}")
-        if not scale.dtype.is_floating_point:
-            raise TypeError(f"scale must be a floating tensor, got dtype {scale.dtype}")
-
-
 def _scaled(tensors: list[torch.Tensor], scale: float | torch.Tensor) -> list[torch.Tensor]:
     if isinstance(scale, (int, float)) and scale == 1:
         return list(tensors)
@@ -587,7 +575,7 @@ def allreduce_cond(
             raise TypeError(f"grads[{i}] must have a floating dtype, got {g.dtype}")
         positions.append(i)
         tensors.append(g)
-    _check_scale(scale)
+    check_scale(scale)
     result: list[torch.Tensor | None] = list(grads)
     if not tensors:
         return result

@@ -72,7 +72,8 @@ def _check_tensor_list(tensors: object, name: str) -> list[torch.Tensor]:
     return list(tensors)
 
 
-def _check_scale(scale: object, device: torch.device) -> None:
+def check_scale(scale: object, device: torch.device | None = None) -> None:
+    """Raises unless ``scale`` is a python number or a 0-d floating tensor (on ``device`` or the CPU)."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.Tensor)):
         raise TypeError(
             f"scale must be a python float or a 0-d floating tensor, got "
@@ -83,7 +84,7 @@ def _check_scale(scale: object, device: torch.device) -> None:
             raise ValueError(f"scale must be a 0-d tensor, got shape {tuple(scale.shape)}")
         if not scale.dtype.is_floating_point:
             raise TypeError(f"scale must be a floating tensor, got dtype {scale.dtype}")
-        if scale.device != device and scale.device.type != "cpu":
+        if device is not None and scale.device != device and scale.device.type != "cpu":
             raise ValueError(
                 f"scale must be on the tensors' device {device} or on the CPU, got {scale.device}"
             )
@@ -156,7 +157,7 @@ def aligned_flat_concat(
     if not tensors:
         if dtype is None:
             raise ValueError("tensors is empty: pass dtype= to build an empty buffer")
-        _check_scale(scale, torch.device("cpu"))
+        check_scale(scale, torch.device("cpu"))
         return torch.empty(0, dtype=dtype)
     device = tensors[0].device
     for i, t in enumerate(tensors):
@@ -172,7 +173,7 @@ def aligned_flat_concat(
                 f"tensors must share one dtype when dtype is None: tensors[0] is "
                 f"{tensors[0].dtype}, tensors[{i}] is {t.dtype}; group them by dtype or pass dtype="
             )
-    _check_scale(scale, device)
+    check_scale(scale, device)
     buf_dtype = dtype if dtype is not None else tensors[0].dtype
     sizes, total = _layout([t.numel() for t in tensors], buf_dtype)
     return _concat_unchecked(tensors, scale, buf_dtype, sizes, total)
