@@ -1,7 +1,7 @@
 """The stages of one training step, each small and testable alone.
 
 ``feature_utils`` validates the arguments and calls ``run_step``, which chains:
-``compute_gradients`` -> ``filter_unused`` -> ``ue_check_`` -> reduce mean ->
+``compute_gradients`` -> ``filter_unused`` -> ``ue_check`` -> reduce mean ->
 ``compute_clip`` -> summaries -> ``allreduce`` -> weight decay -> ``apply``.
 """
 
@@ -28,15 +28,10 @@ class Variables:
 
     names: list[str] = field(default_factory=list)
     tensors: list[torch.Tensor] = field(default_factory=list)
-    columns: list = field(default_factory=list)  # feature columns, parallel to tensors (sparse only)
 
     def select(self, keep: list[bool]) -> Variables:
         pick = [i for i, k in enumerate(keep) if k]
-        return Variables(
-            [self.names[i] for i in pick],
-            [self.tensors[i] for i in pick],
-            [self.columns[i] for i in pick] if self.columns else [],
-        )
+        return Variables([self.names[i] for i in pick], [self.tensors[i] for i in pick])
 
 
 @dataclass
@@ -108,13 +103,13 @@ def collect_embedding_variables(ctx, feature_columns: Iterable, fused_layout: bo
         if ctx.layout_factory is None:
             raise RuntimeError("is_fused_layout=True needs a NativeContext with a layout_factory")
         tensors = list(ctx.layout_factory.flattened_layout())
-        return Variables([f"layout_{i}" for i in range(len(tensors))], tensors, [])
+        return Variables([f"layout_{i}" for i in range(len(tensors))], tensors)
     columns = list(feature_columns)
     tensors = [fc.get_all_embeddings_concat() for fc in columns]
     for fc, t in zip(columns, tensors, strict=True):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"column {fc.feature_name!r} has no looked-up embeddings (got {type(t).__name__})")
-    return Variables([fc.feature_name for fc in columns], tensors, columns)
+    return Variables([fc.feature_name for fc in columns], tensors)
 
 
 # ---------------------------------------------------------------- gradients
@@ -246,7 +241,8 @@ def _all_finite(grads, scales, allreduce_config) -> bool:
     checks += list(torch._foreach_norm(grads)) if grads else []
     if not checks:
         return True
-    bad = torch.stack([~torch.isfinite(c.float().cpu()) for c in checks]).any().to(torch.int32)
+    device = checks[0].device
+    bad = (~torch.isfinite(torch.stack([c.float().to(device) for c in checks]))).any().to(torch.int32)
     if allreduce_config is not None:
         # Every rank must take the same decision, or replicas drift apart.
         dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=allreduce_config.group)
