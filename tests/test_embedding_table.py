@@ -9,7 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from monolith_torch import entry
-from monolith_torch.embedding_table import EmbeddingTable, learning_rate_at
+from monolith_torch.embedding_table import (
+    EmbeddingTable,
+    _initial_values_torch,
+    _stream_seed,
+    initial_values,
+    learning_rate_at,
+)
 
 
 class FakeClock:
@@ -143,6 +149,69 @@ def test_random_uniform_reproducible_per_id():
     assert not torch.equal(va, _table(seg, seed=4, slot_id=1).lookup(ids))
     assert not torch.equal(va, _table(seg, seed=3, slot_id=2).lookup(ids))
     assert not torch.equal(va[:, 0], va[:, 1])
+
+
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+INITIALIZERS = [
+    entry.ZerosInitializer(),
+    entry.ConstantsInitializer(0.1),
+    entry.ConstantsInitializer(-3.0),
+    entry.RandomUniformInitializer(),
+    entry.RandomUniformInitializer(-0.5, 0.5),
+    entry.RandomUniformInitializer(1e-3, 1.0 / 3),  # bounds not exact in float32
+]
+
+
+def _special_and_random_ids(seed: int, n: int = 2000) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    rand = torch.randint(_INT64_MIN, _INT64_MAX, (n,), dtype=torch.int64, generator=g)
+    return torch.cat([torch.tensor([-1, 0, 1, _INT64_MIN, _INT64_MAX, _INT64_MIN + 1, _INT64_MAX - 1]), rand])
+
+
+def _assert_same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape
+    assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize("initializer", INITIALIZERS, ids=repr)
+@pytest.mark.parametrize(("seed", "slot_id"), [(0, 0), (3, 1), (-7, 12345), (_INT64_MAX, _INT64_MIN)])
+@pytest.mark.parametrize(("first", "dim"), [(0, 1), (0, 16), (5, 3), (_INT64_MAX - 4, 4)])
+def test_initializer_kernel_bitwise_equals_torch(initializer, seed, slot_id, first, dim):
+    # The CPU implementation (compiled kernel) against the CUDA one (torch), run on CPU.
+    ids = _special_and_random_ids(seed & 0xFFFF)
+    cols = torch.arange(first, first + dim)
+    for stream in (_stream_seed(seed, slot_id), 0, -1, _INT64_MIN, _INT64_MAX):
+        _assert_same_bits(initial_values(initializer, ids, cols, stream), _initial_values_torch(initializer, ids, cols, stream))
+
+
+@pytest.mark.parametrize("seed", [0, 11])
+def test_table_rows_from_kernel_bitwise_equal_torch(seed):
+    # Several slices: the kernel writes into strided blocks of the values.
+    segs = [
+        _segment(3, entry.AdagradOptimizer(), entry.RandomUniformInitializer(-0.2, 0.7)),
+        _segment(2, entry.SgdOptimizer(), entry.ConstantsInitializer(0.3)),
+        _segment(5, entry.FtrlOptimizer(), entry.RandomUniformInitializer()),
+        _segment(1, entry.SgdOptimizer(), entry.ZerosInitializer()),
+    ]
+    compiled, torch_ops = _table(*segs, seed=seed, slot_id=4), _table(*segs, seed=seed, slot_id=4)
+    assert compiled._init_kernels is not None
+    torch_ops._init_kernels = None  # the CUDA implementation, on CPU
+    ids = _special_and_random_ids(seed)
+    for t in (compiled, torch_ops):
+        for chunk in ids.split(700):  # several calls, so rows are appended and grown
+            t.lookup_rows(chunk)
+    _assert_same_bits(compiled.lookup(ids, insert=False), torch_ops.lookup(ids, insert=False))
+    _assert_same_bits(compiled.lookup(ids, insert=False)[:, :3], _initial_values_torch(
+        segs[0].initializer, ids, torch.arange(3), _stream_seed(seed, 4)))
+
+
+def test_initial_values_rejects_unknown_initializer():
+    with pytest.raises(TypeError, match="unsupported initializer"):
+        initial_values(object(), torch.zeros(1, dtype=torch.int64), torch.arange(2), 0)
+    with pytest.raises(TypeError, match="unsupported initializer"):
+        EmbeddingTable().add_feature_slice(
+            entry.Segment(2, entry.Initializer(), entry.SgdOptimizer(), entry.Fp32Compressor())
+        )
 
 
 def test_zeros_and_constants():

@@ -1,4 +1,4 @@
-"""Compiled (numba) kernels behind ``HashIndex`` for tables on the CPU.
+"""Compiled (numba) kernels behind ``HashIndex`` and ``EmbeddingTable`` for tables on the CPU.
 
 The same table layout as the torch implementation in ``hash_index.py``:
 ``keys`` [C] int64 and ``slots`` [C] int32 (the row of each slot, ``-1``
@@ -12,6 +12,9 @@ bucket, that was free (empty or removed) when it was inserted. Empty slots
 never come back (removal leaves ``-2``; only a rebuild clears them), so the
 first empty slot on a key's path ends its search. The table always keeps
 empty slots (load <= 0.9), so every scan stops.
+
+``fill_uniform`` is the CPU implementation of the RandomUniform initializer
+(``embedding_table.initial_values``), bit for bit the torch one.
 
 Compiled on first use and cached on disk (``cache=True``); ``nogil=True`` so
 tables on different threads do not serialize on the GIL.
@@ -32,6 +35,12 @@ _GROUP = 64
 # would make an overflow undefined).
 _MIX = np.uint64(0xFF51AFD7ED558CCD)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+# The initializer's splitmix64 constants (embedding_table.py), as uint64.
+_SM_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_SM_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_SM_M2 = np.uint64(0x94D049BB133111EB)
+_COL_MUL = np.uint64(0xD1B54A32D192ED03)
+_U24 = np.float32(1.0 / (1 << 24))
 
 _jit = numba.njit(cache=True, nogil=True)
 
@@ -154,3 +163,34 @@ def remove(tkeys, tslots, shift, keys, out):
             tslots[pos] = _REMOVED
             removed += 1
     return removed
+
+
+@_jit
+def _mix64(x):
+    # splitmix64's finalizer; uint64 shifts are logical, as torch's _srl.
+    x = (x ^ (x >> np.uint64(30))) * _SM_M1
+    x = (x ^ (x >> np.uint64(27))) * _SM_M2
+    return x ^ (x >> np.uint64(31))
+
+
+@_jit
+def fill_uniform(ids, columns, stream, lo, width, out):
+    """out[i, j] = the RandomUniform value of (stream, ids[i], columns[j]) in [lo, lo + width).
+
+    ``out`` [U, d] float32, any strides (a block of the table's values).
+    Bitwise equal to the torch implementation: the 64-bit hash wraps as
+    torch's int64 ops do, and the float math runs in float32 with ``lo`` and
+    ``width`` rounded to float32 first, as torch rounds a Python scalar to the
+    tensor's dtype.
+    """
+    lo32 = np.float32(lo)
+    width32 = np.float32(width)
+    d = columns.size
+    col_terms = np.empty(d, dtype=np.uint64)
+    for j in range(d):
+        col_terms[j] = np.uint64(columns[j] + 1) * _COL_MUL + np.uint64(stream)
+    for i in range(ids.size):
+        base = np.uint64(ids[i]) * _SM_GAMMA
+        for j in range(d):
+            bits = _mix64(base + col_terms[j]) >> np.uint64(40)  # top 24 bits: exact in float32
+            out[i, j] = lo32 + width32 * (np.float32(bits) * _U24)

@@ -60,6 +60,62 @@ def _stream_seed(seed: int, slot_id: int) -> int:
     return int(_mix64(x)[0])
 
 
+def _cpu_kernels():
+    # As HashIndex: numba is imported on first use, by processes with CPU tables.
+    from monolith_torch import _hash_kernels
+
+    return _hash_kernels
+
+
+_INITIALIZERS = (entry.ZerosInitializer, entry.ConstantsInitializer, entry.RandomUniformInitializer)
+
+
+def _check_initializer(initializer: entry.Initializer) -> None:
+    if not isinstance(initializer, _INITIALIZERS):
+        raise TypeError(f"unsupported initializer {type(initializer).__name__}")
+
+
+def _initial_values_torch(
+    initializer: entry.Initializer, ids: torch.Tensor, columns: torch.Tensor, stream: int
+) -> torch.Tensor:
+    """The torch implementation of ``initial_values`` (used on CUDA; tests run it on CPU too)."""
+    _check_initializer(initializer)
+    n, d = ids.numel(), columns.numel()
+    if isinstance(initializer, entry.ZerosInitializer):
+        return torch.zeros((n, d), dtype=torch.float32, device=ids.device)
+    if isinstance(initializer, entry.ConstantsInitializer):
+        return torch.full((n, d), float(initializer.constant), dtype=torch.float32, device=ids.device)
+    lo, hi = initializer.bounds()
+    x = ids.long()[:, None] * _SM_GAMMA + (columns.long()[None, :] + 1) * _COL_MUL + stream
+    bits = _srl(_mix64(x), 40)  # top 24 bits: exact in float32
+    u = bits.to(torch.float32) * (1.0 / (1 << 24))
+    return (lo + (hi - lo) * u).to(torch.float32)
+
+
+def _write_initial_values(
+    initializer: entry.Initializer, ids: torch.Tensor, columns: torch.Tensor, stream: int, out: torch.Tensor, kernels
+) -> None:
+    """Writes the initial values of ``ids`` [U] in ``columns`` [d] into ``out`` [U, d] float32, in place.
+
+    ``out`` may be a strided block of a table's values, so no [U, d]
+    temporary is made on CPU. ``kernels``: the compiled CPU kernels, or None
+    for the torch implementation.
+    """
+    _check_initializer(initializer)
+    if isinstance(initializer, entry.ZerosInitializer):
+        out.zero_()
+    elif isinstance(initializer, entry.ConstantsInitializer):
+        out.fill_(float(initializer.constant))
+    elif kernels is not None:
+        lo, hi = initializer.bounds()
+        # The same float32 rounding of the bounds as the torch ops (see fill_uniform).
+        kernels.fill_uniform(
+            ids.contiguous().numpy(), columns.contiguous().numpy(), stream, float(lo), float(hi - lo), out.numpy()
+        )
+    else:
+        out.copy_(_initial_values_torch(initializer, ids, columns, stream))
+
+
 def initial_values(
     initializer: entry.Initializer, ids: torch.Tensor, columns: torch.Tensor, stream: int
 ) -> torch.Tensor:
@@ -67,20 +123,19 @@ def initial_values(
 
     A counter-based generator: the value of (stream, id, column) is a hash of
     those three numbers, so an id gets the same initial row whatever batch,
-    order or process first sees it.
+    order, process or device first sees it. One implementation per device
+    type, as ``HashIndex``: a compiled kernel for CPU ids (one call in place of
+    ~25 small torch ops, whose dispatch cost dominated), torch ops elsewhere
+    (CUDA); both give the same bits.
+
+    Raises:
+        TypeError: an unsupported initializer.
     """
-    n, d = ids.numel(), columns.numel()
-    if isinstance(initializer, entry.ZerosInitializer):
-        return torch.zeros((n, d), dtype=torch.float32, device=ids.device)
-    if isinstance(initializer, entry.ConstantsInitializer):
-        return torch.full((n, d), float(initializer.constant), dtype=torch.float32, device=ids.device)
-    if isinstance(initializer, entry.RandomUniformInitializer):
-        lo, hi = initializer.bounds()
-        x = ids.long()[:, None] * _SM_GAMMA + (columns.long()[None, :] + 1) * _COL_MUL + stream
-        bits = _srl(_mix64(x), 40)  # top 24 bits: exact in float32
-        u = bits.to(torch.float32) * (1.0 / (1 << 24))
-        return (lo + (hi - lo) * u).to(torch.float32)
-    raise TypeError(f"unsupported initializer {type(initializer).__name__}")
+    if ids.device.type != "cpu":
+        return _initial_values_torch(initializer, ids, columns, stream)
+    out = torch.empty((ids.numel(), columns.numel()), dtype=torch.float32)
+    _write_initial_values(initializer, ids.long(), columns.long(), stream, out, _cpu_kernels())
+    return out
 
 
 def learning_rate_at(optimizer: entry.Optimizer, learning_rate_fn, global_step: int) -> float:
@@ -226,6 +281,8 @@ class EmbeddingTable(FeatureEmbTable):
         self._time_fn = time_fn
         self._device = torch.device(device) if device is not None else torch.device("cpu")
         self._stream = _stream_seed(self.seed, self.slot_id)
+        # One initializer implementation per device type, as the index.
+        self._init_kernels = _cpu_kernels() if self._device.type == "cpu" else None
         self._slices: list[_Slice] = []
         self._dim = 0
         self._index = HashIndex(expected_rows, device=self._device)
@@ -257,7 +314,7 @@ class EmbeddingTable(FeatureEmbTable):
         if not isinstance(segment, entry.Segment):
             raise TypeError(f"segment must be an entry.Segment, got {type(segment).__name__}")
         names = _state_names(segment.optimizer)
-        initial_values(segment.initializer, torch.zeros(0, dtype=torch.int64), torch.zeros(0), 0)
+        _check_initializer(segment.initializer)
         opt = segment.optimizer
         if isinstance(opt, entry.AdamOptimizer) and (opt.use_beta1_warmup or opt.use_nesterov):
             raise ValueError("AdamOptimizer: use_beta1_warmup and use_nesterov are not supported by this store")
@@ -388,8 +445,9 @@ class EmbeddingTable(FeatureEmbTable):
         self._counts = _grow(self._counts, total)
         for i, sl in enumerate(self._slices):
             cols = torch.arange(sl.start, sl.end, device=self._device)
-            self._values[start:total, sl.start:sl.end] = initial_values(
-                sl.segment.initializer, new_keys, cols, self._stream
+            _write_initial_values(
+                sl.segment.initializer, new_keys, cols, self._stream,
+                self._values[start:total, sl.start:sl.end], self._init_kernels,
             )
             for name, t in self._states[i].items():
                 t = _grow(t, total)
