@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -106,6 +107,20 @@ def test_malformed_rows_counted_or_fatal(tmp_path):
     path.write_text("\n".join([lines[0], lines[2]]) + "\n")
     with pytest.raises(DataError, match=r"bad\.tsv:2: non-numeric integer field"):
         list(read_batches([str(path)], 10, strict=True))
+
+
+@pytest.mark.timeout(120)
+def test_reading_streams_with_memory_well_below_the_file_size(tmp_path):
+    # Arrow's allocations while reading a 116 MB file batch by batch stay far
+    # below the file size: a file larger than memory can be read.
+    path = generate_criteo(str(tmp_path / "big.tsv"), 500_000, seed=8)
+    size = os.path.getsize(path)
+    peak, rows = 0, 0
+    for batch in read_batches([path], 1024):
+        peak = max(peak, pa.total_allocated_bytes())
+        rows += len(batch)
+    assert rows == 500_000
+    assert peak < size / 2, (peak, size)
 
 
 def test_missing_paths_are_errors(tmp_path):

@@ -52,6 +52,7 @@ COLUMNS = ["label", *INT_COLUMNS, *CAT_COLUMNS]
 SEQ_FEATURE = "seq"
 SEQ_SOURCE = CAT_COLUMNS[13:]
 _MAX_HEX = 16
+TSV_BLOCK_BYTES = 1 << 20
 
 _HEX_TABLE = np.full(256, 255, dtype=np.uint8)
 for _i, _c in enumerate(b"0123456789abcdef"):
@@ -383,7 +384,10 @@ def _parquet_record_batches(path: str, batch_size: int) -> Iterator[pa.RecordBat
 def _record_batches(path: str, stats: ReadStats, strict: bool, batch_size: int) -> Iterator[pa.RecordBatch]:
     if path.endswith(".parquet") or path.endswith(".pq"):
         return _parquet_record_batches(path, batch_size)
-    return _tsv_record_batches(path, stats, strict, block_size=1 << 22)
+    # pyarrow's streaming CSV reader parses a number of blocks ahead, so its
+    # memory grows with the block size: 1 MiB blocks read as fast as 4 MiB
+    # ones here and peak at a third of the memory (docs/PERFORMANCE.md).
+    return _tsv_record_batches(path, stats, strict, block_size=TSV_BLOCK_BYTES)
 
 
 def _good_rows(path: str, record_batch, stats: ReadStats, strict: bool, lines_before: int) -> _Parsed:
