@@ -224,15 +224,19 @@ class HashTableFeatureFactory(FeatureFactory):
             values = [ragged[n].values.to(table.device, torch.int64) for n in names]
             all_rows = table.lookup_rows(torch.cat(values), insert=training)
             for name, ids, rows in zip(names, values, all_rows.split([v.numel() for v in values]), strict=True):
-                leaf = table.gather(rows).requires_grad_(True)
-                slices = create_embedding_slices(
-                    {name: leaf}, {name: ragged[name].to(table.device)}, {name: table._feature_combiners[name]},
-                    {name: table.slice_dims},
-                )
-                table._set_current(name, leaf, slices)
-                self._looked[id(leaf)] = _Looked(leaf, table, name, ids, self._batch_no, rows, table.generation)
-                out.update(slices)
+                out.update(self._register_leaf(table, name, ragged[name], ids, table.gather(rows), rows))
         return out
+
+    def _register_leaf(self, table, name: str, ragged_ids: RaggedTensor, ids, values, rows) -> dict:
+        """Makes ``values`` the feature's leaf for this batch and builds its slices."""
+        leaf = values.requires_grad_(True)
+        slices = create_embedding_slices(
+            {name: leaf}, {name: ragged_ids.to(table.device)}, {name: table._feature_combiners[name]},
+            {name: table.slice_dims},
+        )
+        table._set_current(name, leaf, slices)
+        self._looked[id(leaf)] = _Looked(leaf, table, name, ids, self._batch_no, rows, table.generation)
+        return slices
 
     def _lookup_sharded(self, ragged: Mapping[str, RaggedTensor], training: bool) -> dict[str, torch.Tensor]:
         self._check_same_slots()
@@ -249,14 +253,7 @@ class HashTableFeatureFactory(FeatureFactory):
         no_rows = torch.zeros(0, dtype=torch.int64)
         for (table, names, ids), vals in zip(plan, values, strict=True):
             for name, t_ids, leaf in zip(names, ids, vals.split([v.numel() for v in ids]), strict=True):
-                leaf = leaf.requires_grad_(True)
-                slices = create_embedding_slices(
-                    {name: leaf}, {name: ragged[name].to(table.device)}, {name: table._feature_combiners[name]},
-                    {name: table.slice_dims},
-                )
-                table._set_current(name, leaf, slices)
-                self._looked[id(leaf)] = _Looked(leaf, table, name, t_ids, self._batch_no, no_rows, table.generation)
-                out.update(slices)
+                out.update(self._register_leaf(table, name, ragged[name], t_ids, leaf, no_rows))
         return out
 
     def _check_same_slots(self) -> None:
