@@ -104,6 +104,39 @@ def check_run_dir(run_dir: str) -> None:
         raise ConfigError(f"Invalid run_dir: {run_dir!r} ({probe!r} is not writable)")
 
 
+def _init_horovod(backend: str, timeout: datetime.timedelta) -> tuple[int, int]:
+    """``hvd.init()``, plus a torch.distributed group with Horovod's ranks (see ``init_distributed``)."""
+    import horovod.torch as hvd
+
+    hvd.init()
+    rank, world = hvd.rank(), hvd.size()
+    launched = os.environ.get("WORLD_SIZE", "1")
+    if world == 1 and launched != "1":
+        raise RuntimeError(
+            f"MONOLITH_WITH_HOROVOD is set and WORLD_SIZE={launched}, but Horovod sees one "
+            "process: launch with horovodrun, or unset MONOLITH_WITH_HOROVOD for torchrun"
+        )
+    if world > 1 and not dist.is_initialized():
+        if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
+            addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        else:
+            import socket
+
+            chosen = None
+            if rank == 0:
+                host = os.environ.get("HOROVOD_HOSTNAME", "")
+                chosen_addr = socket.gethostbyname(host) if host else "127.0.0.1"
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.bind((chosen_addr, 0))
+                    chosen = (chosen_addr, sock.getsockname()[1])
+            addr, port = hvd.broadcast_object(chosen, root_rank=0, name="monolith.dist_address")
+        dist.init_process_group(
+            backend=backend, init_method=f"tcp://{addr}:{port}", rank=rank,
+            world_size=world, timeout=timeout,
+        )
+    return rank, world
+
+
 def init_distributed(timeout_s: float) -> tuple[int, int]:
     """Joins the job's process group(s); returns (rank, world size).
 
@@ -140,35 +173,7 @@ def init_distributed(timeout_s: float) -> tuple[int, int]:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
     if AllreduceConfig.from_env().backend == "horovod":
-        import horovod.torch as hvd
-
-        hvd.init()
-        rank, world = hvd.rank(), hvd.size()
-        launched = os.environ.get("WORLD_SIZE", "1")
-        if world == 1 and launched != "1":
-            raise RuntimeError(
-                f"MONOLITH_WITH_HOROVOD is set and WORLD_SIZE={launched}, but Horovod sees one "
-                "process: launch with horovodrun, or unset MONOLITH_WITH_HOROVOD for torchrun"
-            )
-        if world > 1 and not dist.is_initialized():
-            if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
-                addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-            else:
-                import socket
-
-                chosen = None
-                if rank == 0:
-                    host = os.environ.get("HOROVOD_HOSTNAME", "")
-                    chosen_addr = socket.gethostbyname(host) if host else "127.0.0.1"
-                    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                        sock.bind((chosen_addr, 0))
-                        chosen = (chosen_addr, sock.getsockname()[1])
-                addr, port = hvd.broadcast_object(chosen, root_rank=0, name="monolith.dist_address")
-            dist.init_process_group(
-                backend=backend, init_method=f"tcp://{addr}:{port}", rank=rank,
-                world_size=world, timeout=timeout,
-            )
-        return rank, world
+        return _init_horovod(backend, timeout)
     hvd_size = os.environ.get("HOROVOD_SIZE", "1")
     if "WORLD_SIZE" not in os.environ and hvd_size.isdigit() and int(hvd_size) > 1:
         raise RuntimeError(
