@@ -239,3 +239,30 @@ def test_layout_context_round_trip(tmp_path):
     assert restore_checkpoint(tmp_path / "c", ctx2) == 1
     q = torch.tensor([3, 4, 5])
     assert torch.equal(factory.tables["a"].lookup(q, insert=False), factory2.tables["a"].lookup(q, insert=False))
+
+
+def test_remove_checkpoint_leaves_other_checkpoints_shards(tmp_path):
+    from monolith_torch.checkpoint import remove_checkpoint
+
+    mine = tmp_path / "ckpt"
+    other = tmp_path / "ckpt.5"
+    files = {
+        "mine": tmp_path / "ckpt.0123456789ab.shard-00000-of-00002",
+        "other": tmp_path / "ckpt.5.0123456789ab.shard-00000-of-00002",
+    }
+    for f in (mine, other, *files.values()):
+        f.write_text("x")
+    remove_checkpoint(str(mine))
+    assert not mine.exists() and not files["mine"].exists()
+    assert other.exists() and files["other"].exists()
+
+
+def test_bad_global_step_changes_nothing_before_saving(tmp_path):
+    mgr = AsyncFunctionMgr(is_async=True)
+    ran = []
+    mgr.add_async_function(lambda: ran.append(1))
+    ctx = NativeContext(feature_factory=HashTableFeatureFactory(seed=0), async_function_mgr=mgr)
+    with pytest.raises(TypeError, match="global_step"):
+        save_checkpoint(str(tmp_path / "c"), ctx, global_step="7")
+    assert ran == [] and mgr.num_pending() == 1
+    assert not (tmp_path / "c").exists()

@@ -137,12 +137,12 @@ def test_toml_config_and_flag_precedence(tmp_path, small_data, capsys):
     config = tmp_path / "run.toml"
     config.write_text('batch_size = 1000\nmax_steps = 2\n[ignored_section_is_an_error]\n')
     assert main(["train", "--config", str(config), "--run-dir", str(tmp_path / "r")]) == 2
-    config.write_text("batch_size = 1000\nmax_steps = 2\nhidden = [16]\nemb_dim = 4\n")
+    config.write_text("batch_size = 1000\nmax_steps = 2\nhidden = [16]\nemb_dim = 4\nstrict = true\n")
     run = tmp_path / "r"
     assert main(["train", "--config", str(config), "--batch-size", "500", "--run-dir", str(run),
-                 "--data", small_data[0]]) == 0
+                 "--data", small_data[0], "--no-strict"]) == 0
     out = capsys.readouterr().out
-    assert "batch_size = 500" in out and "max_steps = 2" in out
+    assert "batch_size = 500" in out and "max_steps = 2" in out and "strict = False" in out
     assert json.loads((run / "metrics.json").read_text())["train_examples"] == 1000
 
 

@@ -519,3 +519,27 @@ def test_feature_slot_config_needs_a_name_or_slot_id():
     assert s.ctx.create_feature_slot(FeatureSlotConfig(name="user", slot_id=3)).slot == 3
     with pytest.raises(ValueError, match="not an integer"):
         _ = s.ctx.create_feature_slot(FeatureSlotConfig(name="user")).slot
+
+
+def test_run_pending_keeps_later_calls_when_one_raises():
+    mgr = AsyncFunctionMgr(is_async=True)
+    ran = []
+
+    def boom():
+        raise RuntimeError("boom")
+
+    mgr.add_async_function(ran.append, (1,))
+    mgr.add_async_function(boom)
+    mgr.add_async_function(ran.append, (3,))
+    with pytest.raises(RuntimeError, match="boom"):
+        mgr.flush()
+    assert ran == [1] and mgr.num_pending() == 1
+    assert mgr.flush() == 1 and ran == [1, 3]
+
+
+def test_clip_by_norm_fp16_gradient_with_a_huge_norm_is_clipped_not_zeroed():
+    s = make_embedding_setup()
+    w = torch.nn.Parameter(torch.zeros(4, dtype=torch.float16))
+    loss = (w.float() * 40000.0).sum()  # fp16 gradient [40000] * 4: norm 80000 > fp16 max
+    apply_gradients_with_var_optimizer(s.ctx, [], torch.optim.SGD([w], lr=1.0), loss, GradClipType.ClipByNorm, 1.0)
+    assert_close(w.detach().float(), torch.full((4,), -0.5), atol=1e-3, rtol=1e-3)

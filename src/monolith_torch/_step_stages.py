@@ -133,10 +133,17 @@ def compute_gradients(loss: torch.Tensor, targets: list[torch.Tensor]) -> list[t
     return grads
 
 
-def filter_unused(dense: Variables, sparse: Variables, grads, zero_fill_sparse: bool):
-    """Drops variables without gradients (Monolith's unused filter); fused layouts get zeros instead."""
+def filter_unused(dense: Variables, sparse: Variables, grads, zero_fill_sparse: bool, zero_fill_dense: bool = False):
+    """Drops variables without gradients (Monolith's unused filter).
+
+    Fused layouts get zeros instead, and so do dense variables when an allreduce
+    runs: every rank must reduce the same list, even if a parameter went unused
+    in this rank's batch.
+    """
     n = len(dense.tensors)
-    dense_grads, sparse_grads = grads[:n], list(grads[n:])
+    dense_grads, sparse_grads = list(grads[:n]), list(grads[n:])
+    if zero_fill_dense:
+        dense_grads = [torch.zeros_like(t) if g is None else g for g, t in zip(dense_grads, dense.tensors, strict=True)]
     if zero_fill_sparse:
         sparse_grads = [torch.zeros_like(t) if g is None else g for g, t in zip(sparse_grads, sparse.tensors, strict=True)]
     dense = dense.select([g is not None for g in dense_grads])
@@ -207,8 +214,9 @@ def compute_clip(dense_grads, sparse_grads, config, global_step) -> Clip:
         torch._foreach_clamp_min_(grads, -clip_norm)
         torch._foreach_clamp_max_(grads, clip_norm)
     elif grads and clip_type == GradClipType.ClipByNorm:
-        norms = torch._foreach_norm(grads)
-        factors = [torch.where(n > clip_norm, clip_norm / n, torch.ones_like(n)) for n in norms]
+        # Norms in float32: an fp16 norm above 65504 would be inf and zero the gradient.
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        factors = [clip_ops.clip_factor(n, clip_norm).to(g.dtype) for n, g in zip(norms, grads, strict=True)]
         torch._foreach_mul_(grads, factors)
     return Clip()
 
@@ -285,8 +293,10 @@ def run_step(ctx, var_opt, loss, dense: Variables, sparse: Variables, config, gl
              sync: bool = False):
     """Runs the whole pipeline for one step and returns a ``StepResult``."""
     grads = compute_gradients(loss, dense.tensors + sparse.tensors)
-    dense, dense_grads, sparse, sparse_grads = filter_unused(dense, sparse, grads, config.is_fused_layout)
-    if not dense_grads and not sparse_grads:
+    dense, dense_grads, sparse, sparse_grads = filter_unused(
+        dense, sparse, grads, config.is_fused_layout, zero_fill_dense=config.allreduce is not None
+    )
+    if not dense_grads and not sparse_grads and config.allreduce is None:
         return StepResult(applied=False, reason="no_gradients")
     if not sync:
         # The previous step's deferred updates run now, after this step's

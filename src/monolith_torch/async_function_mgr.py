@@ -95,12 +95,16 @@ class AsyncFunctionMgr:
 
     def run_pending(self) -> int:
         """Runs every queued call, queue by queue in insertion order; returns how many ran."""
-        queues, self._queues = self._queues, OrderedDict()
         ran = 0
-        for calls in queues.values():
-            for call in calls:
-                call.run()
-                ran += 1
+        while self._queues:
+            name, calls = next(iter(self._queues.items()))
+            # Pop before running, so a call that raises is not retried, and the
+            # calls after it stay queued for the next run_pending/flush.
+            call = calls.pop(0)
+            if not calls:
+                del self._queues[name]
+            call.run()
+            ran += 1
         return ran
 
     def flush(self) -> int:

@@ -32,6 +32,7 @@ import glob
 import hashlib
 import io
 import os
+import re
 import secrets
 from collections.abc import Mapping
 
@@ -114,13 +115,16 @@ def save_checkpoint(path, ctx, model=None, optimizer=None, global_step=None) -> 
             the previous file at ``path`` is untouched and no manifest is written.
     """
     path = os.fspath(path)
+    step = _step_value(global_step)
     if ctx is not None and getattr(ctx, "async_function_mgr", None) is not None:
         ctx.async_function_mgr.flush()
     owner = _table_owner(ctx)
-    if owner is not None and hasattr(owner, "evict_expired"):
+    replicated = getattr(owner, "_replica_group", lambda: None)() is not None
+    if owner is not None and hasattr(owner, "evict_expired") and not replicated:
         # As Monolith: rows past their expire_time are dropped when saving.
+        # Replicas are not evicted here: each must drop the same rows, at a
+        # time the ranks agreed on (Trainer.save does that), or they drift.
         owner.evict_expired()
-    step = _step_value(global_step)
     group = owner.shard_group() if owner is not None and hasattr(owner, "shard_group") else None
     if group is not None:
         return _save_sharded(path, owner, group, model, optimizer, step)
@@ -202,7 +206,11 @@ def _save_sharded(path: str, owner, group, model, optimizer, step) -> str:
 
 
 def _shard_files(path: str) -> list[str]:
-    return glob.glob(glob.escape(os.path.abspath(path)) + ".*.shard-*-of-*")
+    base = os.path.abspath(path)
+    # Exactly <path>.<12 hex token>.shard-NNNNN-of-NNNNN, not the shards of a
+    # checkpoint whose name merely starts with "<path>.".
+    pattern = re.compile(re.escape(os.path.basename(base)) + r"\.[0-9a-f]{12}\.shard-\d{5}-of-\d{5}")
+    return [f for f in glob.glob(glob.escape(base) + ".*.shard-*-of-*") if pattern.fullmatch(os.path.basename(f))]
 
 
 def _remove_stale_shards(path: str, keep: set[str]) -> None:

@@ -32,7 +32,7 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
-            parser.add_argument(flag, dest=f.name, action="store_const", const=True, default=None,
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"(default {f.default})")
         elif f.name in ("data", "eval_data"):
             parser.add_argument(flag, dest=f.name, action="append", default=None, metavar="PATH_OR_GLOB",

@@ -170,7 +170,8 @@ def init_distributed(timeout_s: float) -> tuple[int, int]:
     """
     from monolith_torch.allreduce import AllreduceConfig
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # The trainer keeps its tensors on the CPU; with CUDA present, NCCL serves CUDA tensors beside gloo.
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
     if AllreduceConfig.from_env().backend == "horovod":
         return _init_horovod(backend, timeout)
@@ -291,6 +292,11 @@ class Trainer:
 
     def save(self) -> str | None:
         sharded = self.factory.shard_group() is not None
+        if self.world > 1 and not sharded:
+            # Replicas drop expired rows together, at rank 0's clock, so they stay identical.
+            now = torch.tensor([time.time()], dtype=torch.float64)
+            dist.broadcast(now, src=0)
+            self.factory.evict_expired(float(now))
         if self.rank != 0 and not sharded:
             self.ctx.async_function_mgr.flush()
             return None
@@ -326,12 +332,11 @@ class Trainer:
         go = have_batch and not self._stop_signal
         if self.world == 1:
             return go
-        flag = torch.tensor([1 if go else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        stop = torch.tensor([self._stop_signal], dtype=torch.int32)
-        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        self._stop_signal = int(stop.item())
-        return bool(flag.item())
+        # One MAX over [out of data or stopping, the signal number].
+        flags = torch.tensor([0 if go else 1, self._stop_signal], dtype=torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop_all, self._stop_signal = flags.tolist()
+        return not stop_all
 
     def train(self) -> dict:
         """Trains (resuming when asked), checkpoints, evaluates; returns the final metrics."""
