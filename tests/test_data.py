@@ -148,3 +148,18 @@ def test_auc_and_log_loss_against_numpy():
     p = np.clip(scores, 1e-7, 1 - 1e-7)
     expected_ll = -np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p))
     assert log_loss(torch.tensor(p), torch.tensor(labels, dtype=torch.float32)) == pytest.approx(expected_ll)
+
+
+def test_shards_partition_the_rows(tmp_path):
+    path = generate_criteo(str(tmp_path / "a.tsv"), 5000, seed=9)
+    whole = torch.cat([b.labels for b in read_batches([path], 700)])
+    parts = [list(read_batches([path], 700, shard=(i, 3))) for i in range(3)]
+    assert all(parts), "every shard gets rows"
+    assert sum(sum(len(b) for b in p) for p in parts) == 5000
+    # Each shard's rows are a contiguous part of every block, in order: together they hold every row once.
+    merged = torch.cat([torch.cat([b.dense for b in p]) for p in parts])
+    reference = torch.cat([b.dense for b in read_batches([path], 700)])
+    assert torch.equal(merged.sort(dim=0).values, reference.sort(dim=0).values)
+    assert whole.numel() == 5000
+    with pytest.raises(ValueError, match="shard"):
+        list(read_batches([path], 10, shard=(3, 3)))

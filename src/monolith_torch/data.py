@@ -413,20 +413,28 @@ def read_batches(
     stats: ReadStats | None = None,
     strict: bool = False,
     drop_remainder: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[Batch]:
     """Streams ``Batch`` objects of ``batch_size`` rows from TSV/gzip/Parquet files, in order.
 
     Args:
         paths: files (see ``expand_paths``); ``.parquet``/``.pq`` read as Parquet, the rest as TSV.
         batch_size: rows per batch (the last one may be smaller unless ``drop_remainder``).
-        stats: filled with row and malformed-line counts.
+        stats: filled with row and malformed-line counts (of this shard's rows).
         strict: raise ``DataError`` (file and line) on the first malformed line.
+        shard: ``(index, count)``: of every raw block of input rows, keep and
+            parse only the ``index``-th of ``count`` contiguous parts, so
+            data-parallel workers share the parsing instead of each parsing
+            everything (a zero-copy slice of the Arrow block).
 
     Raises:
         DataError: an unreadable file, or a malformed line under ``strict``.
     """
     if batch_size < 1:
         raise ValueError(f"Invalid batch_size: {batch_size!r} (expected >= 1)")
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"Invalid shard: {shard!r} (expected (index, count) with 0 <= index < count)")
     stats = stats if stats is not None else ReadStats()
     pending: list[_Parsed] = []
     pending_rows = 0
@@ -434,8 +442,11 @@ def read_batches(
         lines_before = 0
         try:
             for record_batch in _record_batches(path, stats, strict, batch_size):
-                parsed = _good_rows(path, record_batch, stats, strict, lines_before)
-                lines_before += record_batch.num_rows
+                n = record_batch.num_rows
+                lo, hi = n * index // count, n * (index + 1) // count
+                part = record_batch.slice(lo, hi - lo) if count > 1 else record_batch
+                parsed = _good_rows(path, part, stats, strict, lines_before + lo)
+                lines_before += n
                 stats.rows += len(parsed.labels)
                 pending.append(parsed)
                 pending_rows += len(parsed.labels)

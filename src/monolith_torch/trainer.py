@@ -277,13 +277,12 @@ class Trainer:
             dist.barrier()
 
     def _own_batches(self, skip: int) -> Iterator[Batch]:
-        """This rank's batches (every world-th), over all epochs, after the first ``skip`` of them."""
+        """This rank's batches (its share of every block of input rows), over all epochs, after the first ``skip``."""
         paths = self.train_paths()
         own = 0
         for _ in range(self.cfg.epochs):
-            for i, batch in enumerate(read_batches(paths, self.cfg.batch_size, self.stats, self.cfg.strict)):
-                if i % self.world != self.rank:
-                    continue
+            for batch in read_batches(paths, self.cfg.batch_size, self.stats, self.cfg.strict,
+                                      shard=(self.rank, self.world)):
                 own += 1
                 if own > skip:
                     yield batch
@@ -368,14 +367,22 @@ class Trainer:
                 if key in metrics:
                     writer.add_scalar(key, metrics[key], int(self.global_step))
             writer.close()
-        metrics["malformed_lines"] = self.stats.skipped
-        metrics["data_summary"] = self.stats.summary()
+        metrics["malformed_lines"], metrics["data_summary"] = self._data_summary()
         metrics["checkpoint"] = path
         metrics["state_digest"] = state_digest(self.factory, self.model)
         if self.rank == 0:
             with open(os.path.join(cfg.run_dir, "metrics.json"), "w") as f:
                 json.dump(metrics, f, indent=2)
         return metrics
+
+    def _data_summary(self) -> tuple[int, str]:
+        """Malformed-line count and summary over all ranks (each read its own share)."""
+        if self.world == 1:
+            return self.stats.skipped, self.stats.summary()
+        totals = torch.tensor([self.stats.rows, self.stats.skipped], dtype=torch.int64)
+        dist.all_reduce(totals)
+        rows, skipped = totals.tolist()
+        return skipped, f"{rows} rows read by {self.world} ranks, {skipped} malformed lines skipped"
 
     def _train_loop(self, start: int, writer) -> dict:
         cfg = self.cfg
