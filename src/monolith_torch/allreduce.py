@@ -353,7 +353,7 @@ class HalfCompressor:
 
     def wire_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype a tensor of ``dtype`` travels in."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         return self.half_dtype if itemsize > 2 else dtype
 
     def compress(
@@ -415,7 +415,7 @@ def _buckets(
         if cap_bytes is None:
             out.append(idx)
             continue
-        itemsize = torch.empty((), dtype=comp.wire_dtype(tensors[idx[0]].dtype)).element_size()
+        itemsize = comp.wire_dtype(tensors[idx[0]].dtype).itemsize
         current: list[int] = []
         used = 0
         for i in idx:

@@ -321,7 +321,7 @@ def _check_optimizer(path: str, optimizer, saved) -> None:
 def restore_checkpoint(path, ctx, model=None, optimizer=None, global_step=None) -> int | None:
     """Restores what ``save_checkpoint`` wrote; validates everything before changing anything.
 
-    Pending async functions of ``ctx`` are dropped by running them first (they
+    Pending async functions of ``ctx`` run first (flushed), then their results are replaced (they
     belong to the state being replaced).
 
     Args:

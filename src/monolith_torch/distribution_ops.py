@@ -38,7 +38,7 @@ _LARGE_MEAN_NUMEL = 16384
 
 
 def _align_elems(dtype: torch.dtype) -> int:
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     return max(1, ALIGNMENT_BYTES // itemsize)
 
 

@@ -23,40 +23,28 @@ from dataclasses import dataclass
 import torch
 
 from monolith_torch import entry
+from monolith_torch._int64 import signed64, srl
 from monolith_torch.feature import DEFAULT_EXPIRE_TIME, FeatureEmbTable, slice_key
 from monolith_torch.hash_index import HashIndex
 
 __all__ = ["EmbeddingTable", "initial_values", "learning_rate_at"]
 
 _SECONDS_PER_DAY = 86400
-_MASK64 = (1 << 64) - 1
-
-
-def _signed64(x: int) -> int:
-    x &= _MASK64
-    return x - (1 << 64) if x >= 1 << 63 else x
-
-
 # splitmix64 constants, as signed int64 so torch multiplies with wraparound.
-_SM_GAMMA = _signed64(0x9E3779B97F4A7C15)
-_SM_M1 = _signed64(0xBF58476D1CE4E5B9)
-_SM_M2 = _signed64(0x94D049BB133111EB)
-_COL_MUL = _signed64(0xD1B54A32D192ED03)
-
-
-def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
-    return (x >> s) & ((1 << (64 - s)) - 1)
+_SM_GAMMA = signed64(0x9E3779B97F4A7C15)
+_SM_M1 = signed64(0xBF58476D1CE4E5B9)
+_SM_M2 = signed64(0x94D049BB133111EB)
+_COL_MUL = signed64(0xD1B54A32D192ED03)
 
 
 def _mix64(x: torch.Tensor) -> torch.Tensor:
-    x = (x ^ _srl(x, 30)) * _SM_M1
-    x = (x ^ _srl(x, 27)) * _SM_M2
-    return x ^ _srl(x, 31)
+    x = (x ^ srl(x, 30)) * _SM_M1
+    x = (x ^ srl(x, 27)) * _SM_M2
+    return x ^ srl(x, 31)
 
 
 def _stream_seed(seed: int, slot_id: int) -> int:
-    x = torch.tensor([_signed64(seed * 0x9E3779B97F4A7C15 + slot_id * 0xC2B2AE3D27D4EB4F + 1)])
+    x = torch.tensor([signed64(seed * 0x9E3779B97F4A7C15 + slot_id * 0xC2B2AE3D27D4EB4F + 1)])
     return int(_mix64(x)[0])
 
 
@@ -87,7 +75,7 @@ def _initial_values_torch(
         return torch.full((n, d), float(initializer.constant), dtype=torch.float32, device=ids.device)
     lo, hi = initializer.bounds()
     x = ids.long()[:, None] * _SM_GAMMA + (columns.long()[None, :] + 1) * _COL_MUL + stream
-    bits = _srl(_mix64(x), 40)  # top 24 bits: exact in float32
+    bits = srl(_mix64(x), 40)  # top 24 bits: exact in float32
     u = bits.to(torch.float32) * (1.0 / (1 << 24))
     return (lo + (hi - lo) * u).to(torch.float32)
 

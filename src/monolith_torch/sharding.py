@@ -33,6 +33,8 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from monolith_torch._int64 import signed64, srl
+
 __all__ = [
     "ShardExchangeError",
     "shard_owner",
@@ -42,26 +44,13 @@ __all__ = [
     "merge_table_states",
 ]
 
-_MASK64 = (1 << 64) - 1
-
-
-def _signed64(x: int) -> int:
-    x &= _MASK64
-    return x - (1 << 64) if x >= 1 << 63 else x
-
-
 # MurmurHash3 fmix64 constants as signed int64, so torch multiplies with wraparound.
-_FMIX_C1 = _signed64(0xFF51AFD7ED558CCD)
-_FMIX_C2 = _signed64(0xC4CEB9FE1A85EC53)
+_FMIX_C1 = signed64(0xFF51AFD7ED558CCD)
+_FMIX_C2 = signed64(0xC4CEB9FE1A85EC53)
 
 
 class ShardExchangeError(RuntimeError):
     """A sharded-table exchange failed: a peer died, left, or did not answer within the timeout."""
-
-
-def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
-    return (x >> s) & ((1 << (64 - s)) - 1)
 
 
 def shard_owner(ids: torch.Tensor, world: int) -> torch.Tensor:
@@ -76,9 +65,9 @@ def shard_owner(ids: torch.Tensor, world: int) -> torch.Tensor:
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise ValueError(f"Invalid world: {world!r} (expected an int >= 1)")
     x = ids.to(torch.int64)
-    x = (x ^ _srl(x, 33)) * _FMIX_C1
-    x = (x ^ _srl(x, 33)) * _FMIX_C2
-    x = x ^ _srl(x, 33)
+    x = (x ^ srl(x, 33)) * _FMIX_C1
+    x = (x ^ srl(x, 33)) * _FMIX_C2
+    x = x ^ srl(x, 33)
     return torch.remainder(x & ((1 << 63) - 1), world)
 
 
