@@ -330,6 +330,7 @@ class HashTableFeatureFactory(FeatureFactory):
             self.global_step += 1
             return
         group = self._replica_group()
+        checked = []
         for name, table in self._tables.items():
             pairs = per_table.get(name, [])
             if group is None and not pairs:
@@ -340,19 +341,22 @@ class HashTableFeatureFactory(FeatureFactory):
                 if pairs
                 else torch.zeros((0, table.dim))
             )
-            ids = table.check_gradients(ids, grads)
-            if group is None:
+            checked.append((table, pairs, table.check_gradients(ids, grads), grads))
+        if group is None:
+            for table, pairs, ids, grads in checked:
                 # Reuse the looked-up rows unless an eviction or restore moved them.
                 fresh = all(p[2].generation == table.generation for p in pairs)
                 rows = torch.cat([p[2].rows for p in pairs]) if fresh else None
                 table.apply_gradients(ids, grads, scale, step, rows=rows, rows_generation=table.generation)
-            else:
-                # ``scale`` is this rank's own (a deferred clip factor from its own norm):
-                # fold it in before gathering, or each rank would apply its factor to
-                # every rank's gradients and the replicas would drift apart.
+        else:
+            # ``scale`` is this rank's own (a deferred clip factor from its own norm):
+            # fold it in before gathering, or each rank would apply its factor to
+            # every rank's gradients and the replicas would drift apart.
+            for _, _, _, grads in checked:
                 _scale_(grads, scale)
-                ids, grads = _all_gather_rows(ids, grads, group)
-                world = dist.get_world_size(group)
+            world = dist.get_world_size(group)
+            gathered = _all_gather_tables([c[2] for c in checked], [c[3] for c in checked], group)
+            for (table, _, _, _), (ids, grads) in zip(checked, gathered, strict=True):
                 table.apply_gradients(ids, grads.div_(world), 1.0, step, insert_missing=True)
         self.global_step += 1
 
@@ -560,23 +564,40 @@ def _scale_(grads: torch.Tensor, scale) -> None:
         grads.mul_(float(scale))
 
 
-def _all_gather_rows(ids: torch.Tensor, grads: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """All ranks' ids [n_r] and grads [n_r, D], concatenated in rank order."""
+def _all_gather_tables(ids_list, grads_list, group) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """All ranks' (ids [n_r], grads [n_r, D]) of every table, concatenated in rank order.
+
+    Three collectives for all tables together (block sizes, ids, gradient
+    values), not three per table.
+    """
     world = dist.get_world_size(group)
-    n = torch.tensor([ids.numel()], dtype=torch.int64)
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(sizes, n, group=group)
-    counts = [int(s) for s in sizes]
-    m = max(counts)
-    pad_ids = torch.zeros(m, dtype=torch.int64)
-    pad_ids[: ids.numel()] = ids.cpu()
-    pad_grads = torch.zeros((m, grads.shape[1]), dtype=torch.float32)
-    pad_grads[: ids.numel()] = grads.cpu()
+    dims = [g.shape[1] for g in grads_list]
+    counts = torch.tensor([i.numel() for i in ids_list], dtype=torch.int64)
+    gathered_counts = [torch.zeros_like(counts) for _ in range(world)]
+    dist.all_gather(gathered_counts, counts, group=group)
+    per_rank = torch.stack(gathered_counts).tolist()  # [world][tables]
+    n_ids = max(sum(row) for row in per_rank)
+    n_vals = max(sum(c * d for c, d in zip(row, dims, strict=True)) for row in per_rank)
+    pad_ids = torch.zeros(n_ids, dtype=torch.int64)
+    own_ids = torch.cat([i.cpu() for i in ids_list]) if ids_list else pad_ids[:0]
+    pad_ids[: own_ids.numel()] = own_ids
+    pad_vals = torch.zeros(n_vals, dtype=torch.float32)
+    own_vals = torch.cat([g.reshape(-1).cpu() for g in grads_list]) if grads_list else pad_vals[:0]
+    pad_vals[: own_vals.numel()] = own_vals
     all_ids = [torch.zeros_like(pad_ids) for _ in range(world)]
-    all_grads = [torch.zeros_like(pad_grads) for _ in range(world)]
+    all_vals = [torch.zeros_like(pad_vals) for _ in range(world)]
     dist.all_gather(all_ids, pad_ids, group=group)
-    dist.all_gather(all_grads, pad_grads, group=group)
-    ids_out = torch.cat([t[:c] for t, c in zip(all_ids, counts, strict=True)]).to(ids.device)
-    grads_out = torch.cat([t[:c] for t, c in zip(all_grads, counts, strict=True)]).to(grads.device)
-    return ids_out, grads_out
+    dist.all_gather(all_vals, pad_vals, group=group)
+    out_ids: list[list[torch.Tensor]] = [[] for _ in ids_list]
+    out_grads: list[list[torch.Tensor]] = [[] for _ in ids_list]
+    for rank_ids, rank_vals, row in zip(all_ids, all_vals, per_rank, strict=True):
+        id_at = val_at = 0
+        for t, (c, d) in enumerate(zip(row, dims, strict=True)):
+            out_ids[t].append(rank_ids[id_at : id_at + c])
+            out_grads[t].append(rank_vals[val_at : val_at + c * d].view(c, d))
+            id_at, val_at = id_at + c, val_at + c * d
+    return [
+        (torch.cat(i).to(ids_list[t].device), torch.cat(g).to(grads_list[t].device))
+        for t, (i, g) in enumerate(zip(out_ids, out_grads, strict=True))
+    ]
 
