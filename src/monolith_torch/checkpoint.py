@@ -318,6 +318,28 @@ def _check_optimizer(path: str, optimizer, saved) -> None:
         raise CheckpointError(f"checkpoint {path!r}: optimizer parameter groups do not match")
 
 
+def _checked_payload(path: str, owner, model, optimizer, global_step) -> tuple[dict, int | None]:
+    """Reads ``path`` and checks it against the live objects; raises ``CheckpointError``, changes nothing."""
+    payload = load_checkpoint_file(path)
+    if owner is not None and payload.get("shards") is not None:
+        payload["tables"] = _sharded_tables(path, payload, owner)
+    if owner is not None:
+        if payload["tables"] is None:
+            raise CheckpointError(f"checkpoint {path!r} holds no embedding tables")
+        try:
+            owner.check_state_dict(payload["tables"])
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {path!r}: {e}") from e
+    if model is not None:
+        _check_model(path, model, payload["model"])
+    if optimizer is not None:
+        _check_optimizer(path, optimizer, payload["optimizer"])
+    step = payload["global_step"]
+    if isinstance(global_step, torch.Tensor) and step is None:
+        raise CheckpointError(f"checkpoint {path!r} holds no global step")
+    return payload, step
+
+
 def restore_checkpoint(path, ctx, model=None, optimizer=None, global_step=None) -> int | None:
     """Restores what ``save_checkpoint`` wrote; validates everything before changing anything.
 
@@ -337,24 +359,23 @@ def restore_checkpoint(path, ctx, model=None, optimizer=None, global_step=None) 
             the message names the file. Nothing is changed then.
     """
     path = os.fspath(path)
-    payload = load_checkpoint_file(path)
     owner = _table_owner(ctx)
-    if owner is not None and payload.get("shards") is not None:
-        payload["tables"] = _sharded_tables(path, payload, owner)
-    if owner is not None:
-        if payload["tables"] is None:
-            raise CheckpointError(f"checkpoint {path!r} holds no embedding tables")
-        try:
-            owner.check_state_dict(payload["tables"])
-        except (ValueError, TypeError, KeyError) as e:
-            raise CheckpointError(f"checkpoint {path!r}: {e}") from e
-    if model is not None:
-        _check_model(path, model, payload["model"])
-    if optimizer is not None:
-        _check_optimizer(path, optimizer, payload["optimizer"])
-    step = payload["global_step"]
-    if isinstance(global_step, torch.Tensor) and step is None:
-        raise CheckpointError(f"checkpoint {path!r} holds no global step")
+    group = owner.shard_group() if owner is not None and hasattr(owner, "shard_group") else None
+    error = payload = step = None
+    try:
+        payload, step = _checked_payload(path, owner, model, optimizer, global_step)
+    except CheckpointError as e:
+        error = e
+    if group is not None:
+        # Sharded: every rank must restore or none, else the job is half-restored.
+        errors: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(errors, None if error is None else str(error), group=group)
+        failed = [(r, m) for r, m in enumerate(errors) if m]
+        if failed and error is None:
+            rank, message = failed[0]
+            raise CheckpointError(f"checkpoint {path!r}: rank {rank} cannot restore it ({message}); nothing restored")
+    if error is not None:
+        raise error
     if ctx is not None and getattr(ctx, "async_function_mgr", None) is not None:
         ctx.async_function_mgr.flush()
     if owner is not None:
