@@ -112,6 +112,7 @@ def foreach_scale_(tensors: Sequence[torch.Tensor], factor: torch.Tensor | float
         if factor != 1:  # a python 1 would cost a whole pass over the gradients for nothing
             torch._foreach_mul_(list(tensors), factor)
         return
+    factor = factor.detach()
     for device, dtype, group in _grouped(tensors):
         torch._foreach_mul_(group, factor.to(device=device, dtype=dtype))
 

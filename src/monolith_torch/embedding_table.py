@@ -24,6 +24,7 @@ import torch
 
 from monolith_torch import entry
 from monolith_torch._int64 import signed64, srl
+from monolith_torch.clip_ops import foreach_scale_
 from monolith_torch.feature import DEFAULT_EXPIRE_TIME, FeatureEmbTable, slice_key
 from monolith_torch.hash_index import HashIndex
 
@@ -528,10 +529,7 @@ class EmbeddingTable(FeatureEmbTable):
         urows, inverse = torch.unique(rows, return_inverse=True)
         gsum = torch.zeros((urows.numel(), self._dim), dtype=torch.float32, device=self._device)
         gsum.index_add_(0, inverse, grads)
-        if isinstance(scale, torch.Tensor):
-            gsum.mul_(scale.detach().to(self._device, torch.float32))
-        elif scale != 1:
-            gsum.mul_(float(scale))
+        foreach_scale_([gsum], scale)
         w = self._values.index_select(0, urows)
         for i, sl in enumerate(self._slices):
             lr = learning_rate_at(sl.optimizer, sl.learning_rate_fn, global_step)

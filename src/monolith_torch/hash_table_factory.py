@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from monolith_torch.clip_ops import foreach_scale_
 from monolith_torch.embedding_table import EmbeddingTable
 from monolith_torch.feature import (
     EmbeddingLayoutFactory,
@@ -352,8 +353,7 @@ class HashTableFeatureFactory(FeatureFactory):
             # ``scale`` is this rank's own (a deferred clip factor from its own norm):
             # fold it in before gathering, or each rank would apply its factor to
             # every rank's gradients and the replicas would drift apart.
-            for _, _, _, grads in checked:
-                _scale_(grads, scale)
+            foreach_scale_([c[3] for c in checked], scale)
             world = dist.get_world_size(group)
             gathered = _all_gather_tables([c[2] for c in checked], [c[3] for c in checked], group)
             for (table, _, _, _), (ids, grads) in zip(checked, gathered, strict=True):
@@ -554,14 +554,6 @@ class HashTableLayout:
         self._applied = True
         # Called even with nothing to apply: replicated and sharded tables update collectively.
         self.factory.apply_gradients(pairs, scale)
-
-
-def _scale_(grads: torch.Tensor, scale) -> None:
-    """Multiplies ``grads`` in place by ``scale`` (a number or a 0-d tensor); no host sync."""
-    if isinstance(scale, torch.Tensor):
-        grads.mul_(scale.detach().to(grads.device, grads.dtype))
-    elif scale != 1:
-        grads.mul_(float(scale))
 
 
 def _all_gather_tables(ids_list, grads_list, group) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from monolith_torch._int64 import signed64, srl
+from monolith_torch.clip_ops import foreach_scale_
 
 __all__ = [
     "ShardExchangeError",
@@ -213,10 +214,7 @@ def sharded_apply_gradients(
     for t_ids, g in zip(ids, grads, strict=True):
         u, inv = torch.unique(t_ids, return_inverse=True)
         s = torch.zeros((u.numel(), g.shape[1]), dtype=torch.float32, device=g.device).index_add_(0, inv, g.float())
-        if isinstance(scale, torch.Tensor):
-            s.mul_(scale.detach().to(s.device, torch.float32) / world)
-        else:
-            s.mul_(float(scale) / world)
+        foreach_scale_([s], scale / world)
         uniques.append(u)
         sums.append(s)
     route = _Route(uniques, group, timeout, "gradients")
