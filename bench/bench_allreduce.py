@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from monolith_torch.allreduce import AllreduceConfig, allreduce_cond
-from monolith_torch.distribution_ops import aligned_flat_numel
+from monolith_torch.distributed.allreduce import AllreduceConfig, allreduce_cond
+from monolith_torch.distributed.flat_buffers import aligned_flat_numel
 
 
 def workload_shapes(name: str) -> list[tuple[int, ...]]:

@@ -38,12 +38,12 @@ import time
 import numpy as np
 import torch
 
-from monolith_torch.hash_index import HashIndex, _with_torch_rounds
+from monolith_torch.embedding.hash_index import HashIndex, _with_torch_rounds
 
 _ODD = 0x5DEECE66D1
 _OURS = "HashIndex CPU: numba kernels (ours)"
 _FIRST_CALL = (
-    "import time, torch; t = time.perf_counter(); from monolith_torch.hash_index import HashIndex; "
+    "import time, torch; t = time.perf_counter(); from monolith_torch.embedding.hash_index import HashIndex; "
     "i = HashIndex(); i.insert(torch.arange(10)); i.lookup(torch.arange(5)); i.remove(torch.arange(2)); "
     "print(time.perf_counter() - t)"
 )

@@ -26,8 +26,8 @@ import time
 import numpy as np
 import torch
 
-from monolith_torch import entry
-from monolith_torch.embedding_table import EmbeddingTable
+from monolith_torch.embedding import entry
+from monolith_torch.embedding.table import EmbeddingTable
 
 ID_SPACE = 50_000_000
 _ODD = 0x5DEECE66D1  # spreads Zipf ranks over the int64 id space

@@ -40,10 +40,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine_line  # noqa: E402
 from bench_hash_table import _rank_to_id, _zipf  # noqa: E402
 from monolith_torch import entry  # noqa: E402
-from monolith_torch.feature import FeatureColumn, FeatureSlotConfig  # noqa: E402
-from monolith_torch.hash_table_factory import HashTableFeatureFactory  # noqa: E402
-from monolith_torch.ragged import RaggedTensor  # noqa: E402
-from monolith_torch.sharding import shard_owner  # noqa: E402
+from monolith_torch.core.ragged import RaggedTensor  # noqa: E402
+from monolith_torch.embedding.factory import HashTableFeatureFactory  # noqa: E402
+from monolith_torch.embedding.feature import FeatureColumn, FeatureSlotConfig  # noqa: E402
+from monolith_torch.embedding.placement.sharded import shard_owner  # noqa: E402
 
 WORLD = 2
 

@@ -37,10 +37,16 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import machine_line  # noqa: E402
-from monolith_torch.data import CAT_COLUMNS, NUM_INT, SEQ_FEATURE, generate_criteo, read_batches  # noqa: E402
-from monolith_torch.model import _mlp  # noqa: E402  (same MLP shape on both sides)
-from monolith_torch.train_config import load_config  # noqa: E402
-from monolith_torch.trainer import Trainer  # noqa: E402
+from monolith_torch.train.config import load_config  # noqa: E402
+from monolith_torch.train.data import (  # noqa: E402
+    CAT_COLUMNS,
+    NUM_INT,
+    SEQ_FEATURE,
+    generate_criteo,
+    read_batches,
+)
+from monolith_torch.train.model import _mlp  # noqa: E402  (same MLP shape on both sides)
+from monolith_torch.train.trainer import Trainer  # noqa: E402
 
 FEATURES = [*CAT_COLUMNS, SEQ_FEATURE]
 

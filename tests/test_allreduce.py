@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from monolith_torch import allreduce as ar
+from monolith_torch.distributed import allreduce as ar
 
 ENV_VARS = (
     "MONOLITH_WITH_ALLREDUCE_FUSION",

@@ -12,13 +12,13 @@ import time
 import pytest
 import torch
 
-from monolith_torch import entry
-from monolith_torch.async_function_mgr import AsyncFunctionMgr
 from monolith_torch.checkpoint import CheckpointError, restore_checkpoint, save_checkpoint
-from monolith_torch.feature import FeatureColumn, FeatureSlotConfig
-from monolith_torch.hash_table_factory import HashTableFeatureFactory
-from monolith_torch.native_context import NativeContext
-from monolith_torch.ragged import RaggedTensor
+from monolith_torch.core.ragged import RaggedTensor
+from monolith_torch.embedding import entry
+from monolith_torch.embedding.factory import HashTableFeatureFactory
+from monolith_torch.embedding.feature import FeatureColumn, FeatureSlotConfig
+from monolith_torch.step.async_functions import AsyncFunctionMgr
+from monolith_torch.step.context import NativeContext
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 

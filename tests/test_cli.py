@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from monolith_torch.checkpoint import load_checkpoint_file
-from monolith_torch.cli import main
-from monolith_torch.data import generate_criteo
+from monolith_torch.train.cli import main
+from monolith_torch.train.data import generate_criteo
 
 SMALL = ["--batch-size", "256", "--hidden", "32,16", "--emb-dim", "8", "--eval-batch-size", "1024"]
 

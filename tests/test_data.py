@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from monolith_torch.data import (
+from monolith_torch.train.data import (
     CAT_COLUMNS,
     COLUMNS,
     SEQ_FEATURE,
@@ -22,7 +22,7 @@ from monolith_torch.data import (
     generate_criteo,
     read_batches,
 )
-from monolith_torch.metrics import StreamingAUC, auc, log_loss
+from monolith_torch.train.metrics import StreamingAUC, auc, log_loss
 
 
 def _line(label="1", ints=None, cats=None):

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from monolith_torch import distribution_ops as dops
+from monolith_torch.distributed import flat_buffers as dops
 
 DEVICES = [
     "cpu",

@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from monolith_torch import entry
-from monolith_torch.embedding_table import (
+from monolith_torch.embedding import entry
+from monolith_torch.embedding.table import (
     EmbeddingTable,
     _initial_values_torch,
     _stream_seed,

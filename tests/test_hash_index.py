@@ -13,8 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from monolith_torch import _hash_kernels
-from monolith_torch.hash_index import HashIndex, _with_torch_rounds
+from monolith_torch.embedding import kernels as _hash_kernels
+from monolith_torch.embedding.hash_index import HashIndex, _with_torch_rounds
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 EXTREMES = [0, -1, 1, -2, INT64_MIN, INT64_MIN + 1, INT64_MAX, INT64_MAX - 1]

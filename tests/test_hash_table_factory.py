@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from monolith_torch import entry
-from monolith_torch.async_function_mgr import AsyncFunctionMgr
-from monolith_torch.feature import FeatureColumn, FeatureSlotConfig, slice_key
-from monolith_torch.hash_table_factory import HashTableFeatureFactory
-from monolith_torch.native_context import NativeContext
-from monolith_torch.ragged import RaggedTensor
-from monolith_torch.seq_mask import gen_seq_mask
+from monolith_torch.core.ragged import RaggedTensor
+from monolith_torch.embedding import entry
+from monolith_torch.embedding.factory import HashTableFeatureFactory
+from monolith_torch.embedding.feature import FeatureColumn, FeatureSlotConfig, slice_key
+from monolith_torch.embedding.seq_mask import gen_seq_mask
+from monolith_torch.step.async_functions import AsyncFunctionMgr
+from monolith_torch.step.context import NativeContext
 
-feature_utils = pytest.importorskip("monolith_torch.feature_utils")
+feature_utils = pytest.importorskip("monolith_torch.step.api")
 
 
 def _sgd_slot(factory, name="s", **kw):

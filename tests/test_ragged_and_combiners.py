@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from monolith_torch import FirstN, RaggedTensor, ReduceMean, ReduceSum
-from monolith_torch.ragged import as_ragged, row_splits_of
+from monolith_torch.core.ragged import as_ragged, row_splits_of
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]

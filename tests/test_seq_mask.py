@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from monolith_torch import RaggedTensor, gen_seq_mask
-from monolith_torch.seq_mask import lengths_to_mask
+from monolith_torch.embedding.seq_mask import lengths_to_mask
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]

@@ -10,18 +10,18 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from monolith_torch import entry
-from monolith_torch.embedding_table import EmbeddingTable
-from monolith_torch.feature import FeatureColumn, FeatureSlotConfig
-from monolith_torch.hash_table_factory import HashTableFeatureFactory
-from monolith_torch.ragged import RaggedTensor
-from monolith_torch.sharding import (
+from monolith_torch.core.ragged import RaggedTensor
+from monolith_torch.embedding import entry
+from monolith_torch.embedding.factory import HashTableFeatureFactory
+from monolith_torch.embedding.feature import FeatureColumn, FeatureSlotConfig
+from monolith_torch.embedding.placement.sharded import (
     merge_table_states,
     select_owned,
     shard_owner,
     sharded_apply_gradients,
     sharded_lookup,
 )
+from monolith_torch.embedding.table import EmbeddingTable
 
 # --- owner hash ---------------------------------------------------------------------
 

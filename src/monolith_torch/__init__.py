@@ -2,21 +2,22 @@
 
 Public names keep Monolith's spelling (``apply_gradients_with_var_optimizer``,
 ``GradClipType``, ``NativeContext``, ``FeatureSlot``, ``gen_seq_mask``...); see
-docs/MAPPING.md for where each Monolith symbol lives here.
+docs/MAPPING.md for where each Monolith symbol lives here and
+docs/ARCHITECTURE.md for the packages behind them.
 """
 
 from monolith_torch import clip_ops, distribution_ops, embedding_combiners, entry
-from monolith_torch.allreduce import AllreduceConfig, allreduce_cond
-from monolith_torch.async_function_mgr import AsyncFunctionMgr
 from monolith_torch.checkpoint import (
     CheckpointError,
     remove_checkpoint,
     restore_checkpoint,
     save_checkpoint,
 )
-from monolith_torch.embedding_combiners import FirstN, ReduceMean, ReduceSum
-from monolith_torch.embedding_table import EmbeddingTable
-from monolith_torch.feature import (
+from monolith_torch.core.ragged import RaggedTensor
+from monolith_torch.distributed.allreduce import AllreduceConfig, allreduce_cond
+from monolith_torch.embedding.combiners import FirstN, ReduceMean, ReduceSum
+from monolith_torch.embedding.factory import HashTableFeatureFactory
+from monolith_torch.embedding.feature import (
     EmbeddingLayoutFactory,
     FeatureColumn,
     FeatureColumnV1,
@@ -27,13 +28,13 @@ from monolith_torch.feature import (
     FeatureSlotConfig,
     create_embedding_slices,
 )
-from monolith_torch.feature_utils import apply_gradients, apply_gradients_with_var_optimizer
-from monolith_torch.hash_table_factory import HashTableFeatureFactory
-from monolith_torch.native_context import NativeContext
-from monolith_torch.ragged import RaggedTensor
-from monolith_torch.seq_mask import gen_seq_mask
-from monolith_torch.sharding import ShardExchangeError
-from monolith_torch.step_types import GradClipType, StepResult
+from monolith_torch.embedding.placement.sharded import ShardExchangeError
+from monolith_torch.embedding.seq_mask import gen_seq_mask
+from monolith_torch.embedding.table import EmbeddingTable
+from monolith_torch.step.api import apply_gradients, apply_gradients_with_var_optimizer
+from monolith_torch.step.async_functions import AsyncFunctionMgr
+from monolith_torch.step.context import NativeContext
+from monolith_torch.step.types import GradClipType, StepResult
 
 __version__ = "0.1.0"
 

@@ -269,7 +269,7 @@ def _read_file(path) -> tuple[dict, str]:
 
 def _sharded_tables(path: str, payload: Mapping, owner) -> dict:
     """The table state of a manifest: the shards this process needs, merged; checksums checked."""
-    from monolith_torch.sharding import merge_table_states
+    from monolith_torch.embedding.placement.sharded import merge_table_states
 
     shards = payload["shards"]
     world, files, digests = shards["world"], shards["files"], shards["sha256"]

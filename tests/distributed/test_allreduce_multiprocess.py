@@ -72,7 +72,7 @@ def _worker(
 ) -> None:
     import torch.distributed as dist
 
-    from monolith_torch.allreduce import AllreduceConfig, allreduce_cond
+    from monolith_torch.distributed.allreduce import AllreduceConfig, allreduce_cond
 
     torch.set_num_threads(1)
     if scenario == "absent":

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from monolith_torch import entry
-from monolith_torch.feature import FeatureColumn, FeatureSlotConfig
-from monolith_torch.hash_table_factory import HashTableFeatureFactory
-from monolith_torch.ragged import RaggedTensor
+from monolith_torch.core.ragged import RaggedTensor
+from monolith_torch.embedding import entry
+from monolith_torch.embedding.factory import HashTableFeatureFactory
+from monolith_torch.embedding.feature import FeatureColumn, FeatureSlotConfig
 
 WORLD = 2
 STEPS = 4

@@ -29,13 +29,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from monolith_torch import entry
 from monolith_torch.checkpoint import CheckpointError, restore_checkpoint, save_checkpoint
-from monolith_torch.feature import FeatureColumn, FeatureSlotConfig
-from monolith_torch.hash_table_factory import HashTableFeatureFactory
-from monolith_torch.native_context import NativeContext
-from monolith_torch.ragged import RaggedTensor
-from monolith_torch.sharding import ShardExchangeError, shard_owner
+from monolith_torch.core.ragged import RaggedTensor
+from monolith_torch.embedding import entry
+from monolith_torch.embedding.factory import HashTableFeatureFactory
+from monolith_torch.embedding.feature import FeatureColumn, FeatureSlotConfig
+from monolith_torch.embedding.placement.sharded import ShardExchangeError, shard_owner
+from monolith_torch.step.context import NativeContext
 
 pytestmark = [
     pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable"),
@@ -250,7 +250,7 @@ def _step_model(clock, sharded):
 
 
 def _train_with_step_function(clock, model, batches, use_allreduce):
-    from monolith_torch.feature_utils import GradClipType, apply_gradients_with_var_optimizer
+    from monolith_torch.step.api import GradClipType, apply_gradients_with_var_optimizer
 
     factory, cols, ctx, dense, opt = model
     for s, (feats, y) in enumerate(batches):
@@ -461,9 +461,9 @@ def test_torchrun_sharded_tables_end_consistent(tmp_path):
     import subprocess
 
     from monolith_torch.checkpoint import load_checkpoint_file
-    from monolith_torch.data import generate_criteo
-    from monolith_torch.train_config import load_config
-    from monolith_torch.trainer import Trainer, state_digest
+    from monolith_torch.train.config import load_config
+    from monolith_torch.train.data import generate_criteo
+    from monolith_torch.train.trainer import Trainer, state_digest
 
     train = generate_criteo(str(tmp_path / "train.tsv"), 3000, seed=3, part=0)
     evaluation = generate_criteo(str(tmp_path / "eval.tsv"), 600, seed=3, part=1)

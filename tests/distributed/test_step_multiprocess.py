@@ -49,13 +49,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from monolith_torch import entry
-from monolith_torch.allreduce import AllreduceConfig
-from monolith_torch.feature import FeatureColumn, FeatureSlotConfig
-from monolith_torch.feature_utils import GradClipType, apply_gradients_with_var_optimizer
-from monolith_torch.hash_table_factory import HashTableFeatureFactory
-from monolith_torch.native_context import NativeContext
-from monolith_torch.ragged import RaggedTensor
+from monolith_torch.core.ragged import RaggedTensor
+from monolith_torch.distributed.allreduce import AllreduceConfig
+from monolith_torch.embedding import entry
+from monolith_torch.embedding.factory import HashTableFeatureFactory
+from monolith_torch.embedding.feature import FeatureColumn, FeatureSlotConfig
+from monolith_torch.step.api import GradClipType, apply_gradients_with_var_optimizer
+from monolith_torch.step.context import NativeContext
 
 FUSIONS = ("none", "one", "grouped")
 COMPRESSIONS = (None, "fp16", "bf16")

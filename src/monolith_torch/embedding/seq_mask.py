@@ -6,7 +6,7 @@ import operator
 
 import torch
 
-from monolith_torch.ragged import _check_splits_meta, row_splits_of
+from monolith_torch.core.ragged import check_splits_meta, row_splits_of
 
 __all__ = ["gen_seq_mask", "lengths_to_mask"]
 
@@ -42,7 +42,7 @@ def gen_seq_mask(splits, max_seq_length: int, validate: bool = True) -> torch.Te
         ValueError: splits not 1-D, empty or decreasing; ``max_seq_length`` < 0.
     """
     row_splits = row_splits_of(splits)
-    _check_splits_meta(row_splits, "splits")
+    check_splits_meta(row_splits, "splits")
     if isinstance(max_seq_length, bool) or not hasattr(max_seq_length, "__index__"):
         raise TypeError(f"max_seq_length must be an int, got {max_seq_length!r} ({type(max_seq_length).__name__})")
     max_seq_length = operator.index(max_seq_length)

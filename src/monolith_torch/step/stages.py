@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from monolith_torch import clip_ops, summaries
-from monolith_torch.allreduce import allreduce_cond
-from monolith_torch.ragged import RaggedTensor
-from monolith_torch.step_types import GradClipType, StepResult
+from monolith_torch.core.ragged import RaggedTensor
+from monolith_torch.distributed.allreduce import allreduce_cond
+from monolith_torch.step import clip_ops, summaries
+from monolith_torch.step.types import GradClipType, StepResult
 
-logger = logging.getLogger("monolith_torch.feature_utils")
+logger = logging.getLogger("monolith_torch.step.api")
 
 
 @dataclass

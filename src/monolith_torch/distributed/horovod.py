@@ -1,6 +1,6 @@
-"""The Horovod backend of :func:`~monolith_torch.allreduce.allreduce_cond`.
+"""The Horovod backend of :func:`~monolith_torch.distributed.allreduce.allreduce_cond`.
 
-Kept apart from :mod:`monolith_torch.allreduce` because Horovod is optional (built by
+Kept apart from :mod:`monolith_torch.distributed.allreduce` because Horovod is optional (built by
 ``scripts/build_horovod.sh``): this module is imported only when
 ``AllreduceConfig(backend="horovod")`` is active, i.e. after ``hvd.init()`` under
 ``horovodrun``. Every rank must make the same calls in the same order: the collective
@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from monolith_torch.allreduce import (
+from monolith_torch.distributed.allreduce import (
     AllreduceConfig,
     _buckets,
     _divide,
     _group_by_device_dtype,
     _import_horovod,
 )
-from monolith_torch.distribution_ops import _concat_unchecked, _layout, _split_unchecked
+from monolith_torch.distributed.flat_buffers import _concat_unchecked, _layout, _split_unchecked
 
 __all__ = ["allreduce_horovod"]
 

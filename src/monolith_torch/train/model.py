@@ -14,12 +14,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from monolith_torch import entry
-from monolith_torch.data import CAT_COLUMNS, NUM_INT, SEQ_FEATURE, Batch
-from monolith_torch.embedding_combiners import FirstN
-from monolith_torch.feature import FeatureColumn, FeatureSlotConfig
-from monolith_torch.native_context import NativeContext
-from monolith_torch.seq_mask import gen_seq_mask
+from monolith_torch.embedding import entry
+from monolith_torch.embedding.combiners import FirstN
+from monolith_torch.embedding.feature import FeatureColumn, FeatureSlotConfig
+from monolith_torch.embedding.seq_mask import gen_seq_mask
+from monolith_torch.step.context import NativeContext
+from monolith_torch.train.data import CAT_COLUMNS, NUM_INT, SEQ_FEATURE, Batch
 
 __all__ = ["CtrModel"]
 

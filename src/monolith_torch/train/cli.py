@@ -18,8 +18,8 @@ import os
 import sys
 from dataclasses import fields
 
-from monolith_torch.data import DataError, expand_paths
-from monolith_torch.train_config import ConfigError, TrainConfig, load_config
+from monolith_torch.train.config import ConfigError, TrainConfig, load_config
+from monolith_torch.train.data import DataError, expand_paths
 
 __all__ = ["main"]
 
@@ -86,7 +86,7 @@ def _print_table(metrics: dict) -> None:
 
 def _validate(command: str, cfg: TrainConfig) -> None:
     """Checks everything that can be checked before a single file is written."""
-    from monolith_torch.trainer import check_run_dir
+    from monolith_torch.train.trainer import check_run_dir
 
     check_run_dir(cfg.run_dir)
     if cfg.data:
@@ -111,7 +111,7 @@ def _setup_logging(cfg: TrainConfig, rank: int) -> None:
 
 
 def _run(command: str, cfg: TrainConfig) -> int:
-    from monolith_torch.trainer import StopRequested, Trainer, init_distributed
+    from monolith_torch.train.trainer import StopRequested, Trainer, init_distributed
 
     rank, world = init_distributed(cfg.dist_timeout_s)
     _setup_logging(cfg, rank)

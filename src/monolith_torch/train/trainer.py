@@ -26,9 +26,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from monolith_torch import entry
 from monolith_torch.checkpoint import remove_checkpoint, restore_checkpoint, save_checkpoint
-from monolith_torch.data import (
+from monolith_torch.embedding import entry
+from monolith_torch.embedding.factory import HashTableFeatureFactory
+from monolith_torch.step.api import apply_gradients_with_var_optimizer
+from monolith_torch.step.context import NativeContext
+from monolith_torch.step.types import GradClipType
+from monolith_torch.train.config import ConfigError, TrainConfig
+from monolith_torch.train.data import (
     Batch,
     DataError,
     ReadStats,
@@ -36,17 +41,12 @@ from monolith_torch.data import (
     generate_criteo,
     read_batches,
 )
-from monolith_torch.feature_utils import apply_gradients_with_var_optimizer
-from monolith_torch.hash_table_factory import HashTableFeatureFactory
-from monolith_torch.metrics import StreamingAUC, auc, log_loss
-from monolith_torch.model import CtrModel
-from monolith_torch.native_context import NativeContext
-from monolith_torch.step_types import GradClipType
-from monolith_torch.train_config import ConfigError, TrainConfig
+from monolith_torch.train.metrics import StreamingAUC, auc, log_loss
+from monolith_torch.train.model import CtrModel
 
 __all__ = ["Trainer", "RunPaths", "check_run_dir", "init_distributed", "state_digest", "StopRequested"]
 
-logger = logging.getLogger("monolith_torch.trainer")
+logger = logging.getLogger("monolith_torch.train.trainer")
 
 _KEEP_CHECKPOINTS = 3
 
@@ -168,7 +168,7 @@ def init_distributed(timeout_s: float) -> tuple[int, int]:
             would train alone.
         ImportError: ``MONOLITH_WITH_HOROVOD`` set but ``horovod.torch`` not built.
     """
-    from monolith_torch.allreduce import AllreduceConfig
+    from monolith_torch.distributed.allreduce import AllreduceConfig
 
     # The trainer keeps its tensors on the CPU; with CUDA present, NCCL serves CUDA tensors beside gloo.
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"

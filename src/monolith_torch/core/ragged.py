@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RaggedTensor", "as_ragged", "row_splits_of"]
+__all__ = ["RaggedTensor", "as_ragged", "check_splits_meta", "row_splits_of"]
 
 _SPLIT_DTYPES = (torch.int32, torch.int64)
 
 
-def _check_splits_meta(row_splits: torch.Tensor, name: str = "row_splits") -> None:
+def check_splits_meta(row_splits: torch.Tensor, name: str = "row_splits") -> None:
     if not isinstance(row_splits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(row_splits).__name__}")
     if row_splits.dtype not in _SPLIT_DTYPES:
@@ -71,7 +71,7 @@ class RaggedTensor:
         row_splits = torch.as_tensor(row_splits, device=values.device)
         if row_splits.dtype not in _SPLIT_DTYPES and not row_splits.is_floating_point():
             row_splits = row_splits.long()
-        _check_splits_meta(row_splits)
+        check_splits_meta(row_splits)
         if values.dim() == 0:
             raise ValueError(f"values must have at least 1 dimension, got shape {tuple(values.shape)}")
         if validate:

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from monolith_torch.clip_ops import foreach_scale_
-from monolith_torch.embedding_table import EmbeddingTable
-from monolith_torch.feature import (
+from monolith_torch.core.ragged import RaggedTensor, as_ragged
+from monolith_torch.core.tensor_lists import foreach_scale_
+from monolith_torch.embedding.feature import (
     EmbeddingLayoutFactory,
     FeatureColumn,
     FeatureFactory,
@@ -31,8 +31,12 @@ from monolith_torch.feature import (
     FeatureSlotConfig,
     create_embedding_slices,
 )
-from monolith_torch.ragged import RaggedTensor, as_ragged
-from monolith_torch.sharding import select_owned, sharded_apply_gradients, sharded_lookup
+from monolith_torch.embedding.placement.sharded import (
+    select_owned,
+    sharded_apply_gradients,
+    sharded_lookup,
+)
+from monolith_torch.embedding.table import EmbeddingTable
 
 __all__ = ["HashTableFeatureFactory", "HashTableLayout"]
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from monolith_torch.distribution_ops import (
+from monolith_torch.distributed.flat_buffers import (
     _concat_unchecked,
     _layout,
     _split_unchecked,
@@ -585,7 +585,7 @@ def allreduce_cond(
         if not config.is_active():
             reduced = _scaled(tensors, scale)
         elif config.backend == "horovod":
-            from monolith_torch.allreduce_horovod import allreduce_horovod
+            from monolith_torch.distributed.horovod import allreduce_horovod
 
             reduced = allreduce_horovod(tensors, scale, config)
         else:

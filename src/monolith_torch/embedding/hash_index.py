@@ -9,7 +9,7 @@ removed, so every int64 is a valid id (-1, INT64_MIN and INT64_MAX included).
 
 One implementation per device type, chosen by the index's device:
 
-- CPU: numba kernels (``_hash_kernels.py``) loop over the ids of a batch on
+- CPU: numba kernels (``kernels.py``) loop over the ids of a batch on
   zero-copy numpy views of the two tensors. A batch costs a handful of calls
   whatever its size; plain torch needed 100 to 200 small ops per call, whose
   dispatch cost dominated at the 4,096-id batches of one table per slot.
@@ -53,9 +53,9 @@ def _check_keys(keys: torch.Tensor, name: str = "keys") -> torch.Tensor:
 def _cpu_kernels():
     # Imported on first use: numba's import and the kernels' compilation (or
     # cache load) are paid only by processes that build a CPU index.
-    from monolith_torch import _hash_kernels
+    from monolith_torch.embedding import kernels
 
-    return _hash_kernels
+    return kernels
 
 
 def _with_torch_rounds(index: HashIndex) -> HashIndex:

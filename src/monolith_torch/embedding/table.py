@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-from monolith_torch import entry
-from monolith_torch._int64 import signed64, srl
-from monolith_torch.clip_ops import foreach_scale_
-from monolith_torch.feature import DEFAULT_EXPIRE_TIME, FeatureEmbTable, slice_key
-from monolith_torch.hash_index import HashIndex
+from monolith_torch.core.hashing import signed64, srl
+from monolith_torch.core.tensor_lists import foreach_scale_
+from monolith_torch.embedding import entry
+from monolith_torch.embedding.feature import DEFAULT_EXPIRE_TIME, FeatureEmbTable, slice_key
+from monolith_torch.embedding.hash_index import HashIndex
 
 __all__ = ["EmbeddingTable", "initial_values", "learning_rate_at"]
 
@@ -51,9 +51,9 @@ def _stream_seed(seed: int, slot_id: int) -> int:
 
 def _cpu_kernels():
     # As HashIndex: numba is imported on first use, by processes with CPU tables.
-    from monolith_torch import _hash_kernels
+    from monolith_torch.embedding import kernels
 
-    return _hash_kernels
+    return kernels
 
 
 _INITIALIZERS = (entry.ZerosInitializer, entry.ConstantsInitializer, entry.RandomUniformInitializer)

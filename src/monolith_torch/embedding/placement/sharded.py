@@ -33,8 +33,8 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from monolith_torch._int64 import signed64, srl
-from monolith_torch.clip_ops import foreach_scale_
+from monolith_torch.core.hashing import signed64, srl
+from monolith_torch.core.tensor_lists import foreach_scale_
 
 __all__ = [
     "ShardExchangeError",

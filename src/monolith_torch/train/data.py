@@ -27,7 +27,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import torch
 
-from monolith_torch.ragged import RaggedTensor
+from monolith_torch.core.ragged import RaggedTensor
 
 __all__ = [
     "NUM_INT",
