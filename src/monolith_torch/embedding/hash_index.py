@@ -29,13 +29,15 @@ from __future__ import annotations
 
 import torch
 
+from monolith_torch.core.hashing import INDEX_GOLDEN, INDEX_MUL, signed64
+
 __all__ = ["HashIndex"]
 
 _EMPTY = -1
 _REMOVED = -2
 # Fibonacci hashing: the high bits of key * 2^64/phi spread nearby ids apart.
-_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
-_MIX = 0xFF51AFD7ED558CCD - (1 << 64)
+_GOLDEN = signed64(INDEX_GOLDEN)
+_MIX = signed64(INDEX_MUL)
 _BUCKET = 8
 _MIN_CAPACITY = 16
 

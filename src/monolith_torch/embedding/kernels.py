@@ -14,7 +14,7 @@ first empty slot on a key's path ends its search. The table always keeps
 empty slots (load <= 0.9), so every scan stops.
 
 ``fill_uniform`` is the CPU implementation of the RandomUniform initializer
-(``embedding_table.initial_values``), bit for bit the torch one.
+(``embedding.initializers``), bit for bit the torch one.
 
 Compiled on first use and cached on disk (``cache=True``); ``nogil=True`` so
 tables on different threads do not serialize on the GIL.
@@ -25,21 +25,20 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from monolith_torch.core import hashing
+
 _EMPTY = -1
 _REMOVED = -2
 _BUCKET = 8
 # Ids whose home slots are read before any is resolved (see lookup).
 _GROUP = 64
-# The torch implementation's constants (hash_index.py), as uint64: unsigned
-# multiplies wrap by definition (numba marks signed ones no-signed-wrap, which
-# would make an overflow undefined).
-_MIX = np.uint64(0xFF51AFD7ED558CCD)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-# The initializer's splitmix64 constants (embedding_table.py), as uint64.
-_SM_GAMMA = np.uint64(0x9E3779B97F4A7C15)
-_SM_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_SM_M2 = np.uint64(0x94D049BB133111EB)
-_COL_MUL = np.uint64(0xD1B54A32D192ED03)
+# The hashes' constants (core.hashing), as uint64: unsigned multiplies wrap
+# by definition (numba marks signed ones no-signed-wrap, which would make an
+# overflow undefined).
+_MIX = np.uint64(hashing.INDEX_MUL)
+_GOLDEN = np.uint64(hashing.INDEX_GOLDEN)
+_SM_GAMMA = np.uint64(hashing.SPLITMIX_GAMMA)
+_COL_MUL = np.uint64(hashing.COLUMN_MUL)
 _U24 = np.float32(1.0 / (1 << 24))
 
 _jit = numba.njit(cache=True, nogil=True)
@@ -165,12 +164,7 @@ def remove(tkeys, tslots, shift, keys, out):
     return removed
 
 
-@_jit
-def _mix64(x):
-    # splitmix64's finalizer; uint64 shifts are logical, as torch's _srl.
-    x = (x ^ (x >> np.uint64(30))) * _SM_M1
-    x = (x ^ (x >> np.uint64(27))) * _SM_M2
-    return x ^ (x >> np.uint64(31))
+_mix64 = _jit(hashing.splitmix64_scalar)
 
 
 @_jit

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from monolith_torch.core.hashing import signed64, srl
+from monolith_torch.core.hashing import COLUMN_MUL, SPLITMIX_GAMMA, signed64, splitmix64, srl
 from monolith_torch.core.tensor_lists import foreach_scale_
 from monolith_torch.embedding import entry
 from monolith_torch.embedding.feature import DEFAULT_EXPIRE_TIME, FeatureEmbTable, slice_key
@@ -31,22 +31,13 @@ from monolith_torch.embedding.hash_index import HashIndex
 __all__ = ["EmbeddingTable", "initial_values", "learning_rate_at"]
 
 _SECONDS_PER_DAY = 86400
-# splitmix64 constants, as signed int64 so torch multiplies with wraparound.
-_SM_GAMMA = signed64(0x9E3779B97F4A7C15)
-_SM_M1 = signed64(0xBF58476D1CE4E5B9)
-_SM_M2 = signed64(0x94D049BB133111EB)
-_COL_MUL = signed64(0xD1B54A32D192ED03)
-
-
-def _mix64(x: torch.Tensor) -> torch.Tensor:
-    x = (x ^ srl(x, 30)) * _SM_M1
-    x = (x ^ srl(x, 27)) * _SM_M2
-    return x ^ srl(x, 31)
+_SM_GAMMA = signed64(SPLITMIX_GAMMA)
+_COL_MUL = signed64(COLUMN_MUL)
 
 
 def _stream_seed(seed: int, slot_id: int) -> int:
-    x = torch.tensor([signed64(seed * 0x9E3779B97F4A7C15 + slot_id * 0xC2B2AE3D27D4EB4F + 1)])
-    return int(_mix64(x)[0])
+    x = torch.tensor([signed64(seed * SPLITMIX_GAMMA + slot_id * 0xC2B2AE3D27D4EB4F + 1)])
+    return int(splitmix64(x)[0])
 
 
 def _cpu_kernels():
@@ -76,7 +67,7 @@ def _initial_values_torch(
         return torch.full((n, d), float(initializer.constant), dtype=torch.float32, device=ids.device)
     lo, hi = initializer.bounds()
     x = ids.long()[:, None] * _SM_GAMMA + (columns.long()[None, :] + 1) * _COL_MUL + stream
-    bits = srl(_mix64(x), 40)  # top 24 bits: exact in float32
+    bits = srl(splitmix64(x), 40)  # top 24 bits: exact in float32
     u = bits.to(torch.float32) * (1.0 / (1 << 24))
     return (lo + (hi - lo) * u).to(torch.float32)
 

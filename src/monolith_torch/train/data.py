@@ -27,6 +27,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import torch
 
+from monolith_torch.core.hashing import splitmix64_np
 from monolith_torch.core.ragged import RaggedTensor
 
 __all__ = [
@@ -126,17 +127,6 @@ def expand_paths(data: str | Sequence[str]) -> list[str]:
 # ---------------------------------------------------------------- the generator
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-    """A 64-bit avalanche mix (splitmix64's finalizer) on uint64 arrays."""
-    x = x.astype(np.uint64, copy=True)
-    x ^= x >> np.uint64(30)
-    x *= np.uint64(0xBF58476D1CE4E5B9)
-    x ^= x >> np.uint64(27)
-    x *= np.uint64(0x94D049BB133111EB)
-    x ^= x >> np.uint64(31)
-    return x
-
-
 @dataclass(frozen=True)
 class _World:
     """The hidden truth of the generator: vocabularies and per-id weights."""
@@ -168,7 +158,7 @@ def _generate_rows(world: _World, rng: np.random.Generator, n: int, seed: int) -
         idx[:, f] = np.minimum((world.vocab[f] * rng.random(n) ** 2.5).astype(np.int64), world.vocab[f] - 1)
         present = rng.random(n) >= world.missing[f]
         logit += np.where(present, world.weights[f][idx[:, f]], 0.0)
-        hex_ids = _mix(idx[:, f].astype(np.uint64) * np.uint64(NUM_CAT) + np.uint64(f) + np.uint64(seed << 20))
+        hex_ids = splitmix64_np(idx[:, f].astype(np.uint64) * np.uint64(NUM_CAT) + np.uint64(f) + np.uint64(seed << 20))
         cols[CAT_COLUMNS[f]] = _where_present(present, _hex8(hex_ids))
     # A planted interaction between the first two features (think user x item).
     logit += world.pair[idx[:, 0] % 32, idx[:, 1] % 32]

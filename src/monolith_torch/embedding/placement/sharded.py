@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from monolith_torch.core.hashing import signed64, srl
+from monolith_torch.core.hashing import fmix64
 from monolith_torch.core.tensor_lists import foreach_scale_
 
 __all__ = [
@@ -45,9 +45,6 @@ __all__ = [
     "merge_table_states",
 ]
 
-# MurmurHash3 fmix64 constants as signed int64, so torch multiplies with wraparound.
-_FMIX_C1 = signed64(0xFF51AFD7ED558CCD)
-_FMIX_C2 = signed64(0xC4CEB9FE1A85EC53)
 
 
 class ShardExchangeError(RuntimeError):
@@ -65,10 +62,7 @@ def shard_owner(ids: torch.Tensor, world: int) -> torch.Tensor:
     """
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise ValueError(f"Invalid world: {world!r} (expected an int >= 1)")
-    x = ids.to(torch.int64)
-    x = (x ^ srl(x, 33)) * _FMIX_C1
-    x = (x ^ srl(x, 33)) * _FMIX_C2
-    x = x ^ srl(x, 33)
+    x = fmix64(ids.to(torch.int64))
     return torch.remainder(x & ((1 << 63) - 1), world)
 
 
