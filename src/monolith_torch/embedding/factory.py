@@ -236,10 +236,10 @@ class HashTableFeatureFactory(FeatureFactory):
         """Makes ``values`` the feature's leaf for this batch and builds its slices."""
         leaf = values.requires_grad_(True)
         slices = create_embedding_slices(
-            {name: leaf}, {name: ragged_ids.to(table.device)}, {name: table._feature_combiners[name]},
+            {name: leaf}, {name: ragged_ids.to(table.device)}, {name: table.combiner_of(name)},
             {name: table.slice_dims},
         )
-        table._set_current(name, leaf, slices)
+        table.set_current(name, leaf, slices)
         self._looked[id(leaf)] = _Looked(leaf, table, name, ids, self._batch_no, rows, table.generation)
         return slices
 

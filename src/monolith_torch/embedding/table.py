@@ -324,8 +324,13 @@ class EmbeddingTable(FeatureEmbTable):
             return leaf
         return slices[slice_key(feature_name, start, end)]
 
-    def _set_current(self, feature_name: str, leaf: torch.Tensor, slices: Mapping[str, torch.Tensor]) -> None:
+    def set_current(self, feature_name: str, leaf: torch.Tensor, slices: Mapping[str, torch.Tensor]) -> None:
+        """Makes ``leaf`` [N, D] and its combined ``slices`` what ``embedding_lookup`` returns for the feature."""
         self._current[feature_name] = (leaf, slices)
+
+    def combiner_of(self, feature_name: str):
+        """The combiner registered for ``feature_name`` by ``set_feature_metadata``."""
+        return self._feature_combiners[feature_name]
 
     # -- metadata ----------------------------------------------------------
 
