@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import datetime
+import pathlib
 import sys
 import types
 
@@ -11,6 +13,10 @@ import torch
 import torch.distributed as dist
 
 from monolith_torch.distributed import allreduce as ar
+from monolith_torch.distributed.buckets import bucket_indices
+from monolith_torch.distributed.flat_buffers import aligned_flat_layout
+from monolith_torch.distributed.gradient_buckets import GradientBuckets
+from monolith_torch.distributed.torch_backend import allreduce_torch
 
 ENV_VARS = (
     "MONOLITH_WITH_ALLREDUCE_FUSION",
@@ -267,6 +273,25 @@ def test_tensor_scale_keeps_each_dtype():
         torch.testing.assert_close(o.float(), torch.full((2,), 0.25))
 
 
+@pytest.mark.parametrize(
+    ("grad_dtype", "scale_dtype"),
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.float32, torch.float64),
+    ],
+)
+def test_tensor_scale_keeps_the_dtype_of_0d_gradients(grad_dtype, scale_dtype):
+    # 0-d * 0-d promotes in torch (bfloat16 * float32 -> float32); a gradient must not.
+    grads = [torch.tensor(1.5, dtype=grad_dtype), torch.ones(3, dtype=grad_dtype)]
+    out = ar.allreduce_cond(grads, scale=torch.tensor(0.3, dtype=scale_dtype))
+    assert [o.dtype for o in out] == [grad_dtype, grad_dtype]
+    # The same rounding as the 1-d gradient beside it.
+    assert torch.equal(
+        out[0].reshape(1), (grads[0].reshape(1) * torch.tensor(0.3, dtype=scale_dtype))
+    )
+
+
 def test_all_none_and_empty_lists():
     assert ar.allreduce_cond([None, None], scale=2.0) == [None, None]
     assert ar.allreduce_cond([]) == []
@@ -367,11 +392,22 @@ def test_world_of_one_group_is_not_active_and_every_path_is_identity_times_scale
     for fusion in ar.FUSIONS:
         for compression in ar.COMPRESSIONS:
             cfg = ar.AllreduceConfig(fusion=fusion, compression=compression, group=world_of_one)
-            res = ar._allreduce_torch(tensors, torch.tensor(3.0), cfg)
+            res = allreduce_torch(tensors, torch.tensor(3.0), cfg)
             tol = {"fp16": 1e-3, "bf16": 8e-3, None: 1e-6}[compression]
             for r, t in zip(res, tensors, strict=True):
                 assert r.dtype == t.dtype and r.shape == t.shape
                 torch.testing.assert_close(r, t * 3, rtol=tol, atol=tol)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fusion", ar.FUSIONS)
+@pytest.mark.parametrize("compression", ar.COMPRESSIONS, ids=str)
+def test_0d_gradients_keep_their_dtype_on_every_path(world_of_one, fusion, compression):
+    cfg = ar.AllreduceConfig(fusion=fusion, compression=compression, group=world_of_one)
+    grads = [torch.tensor(1.5, dtype=torch.bfloat16), torch.tensor(2.0), torch.ones(3)]
+    res = allreduce_torch(grads, torch.tensor(0.3, dtype=torch.float64), cfg)
+    assert [r.dtype for r in res] == [g.dtype for g in grads]
+    assert [r.shape for r in res] == [g.shape for g in grads]
 
 
 # --- horovod wiring, against a stand-in module ---------------------------------------------
@@ -504,3 +540,189 @@ def test_horovod_not_initialised_is_inactive(fake_hvd):
     g = [torch.randn(3)]
     torch.testing.assert_close(ar.allreduce_cond(g, 2.0, cfg)[0], g[0] * 2)
     assert fake_hvd.calls == []
+
+
+# --- persistent buckets (GradientBuckets), in one process --------------------------------------
+# Multi-process runs against the packing path: tests/distributed/test_allreduce_multiprocess.py.
+
+
+def _params(*specs):
+    return [torch.zeros(shape, dtype=dtype, requires_grad=True) for shape, dtype in specs]
+
+
+MIXED = (
+    ((5,), torch.float32),
+    ((3, 4), torch.float64),
+    ((), torch.float32),
+    ((7,), torch.bfloat16),
+)
+
+
+def test_buckets_lay_out_the_params_as_fusion_one_packs_them():
+    params = _params(*MIXED, ((0,), torch.float32), ((300,), torch.float32))
+    cfg = ar.AllreduceConfig(fusion="one", bucket_cap_bytes=256)
+    b = GradientBuckets(params, cfg)
+    expected = bucket_indices(params, ar.compressor_for(None), 256)
+    assert [list(idx) for idx in b.bucket_positions] == expected
+    for buf, idx in zip(b.buffers, b.bucket_positions, strict=True):
+        group = [params[i] for i in idx]
+        assert buf.dtype == group[0].dtype and buf.dim() == 1
+        assert buf.numel() == aligned_flat_layout([p.numel() for p in group], buf.dtype)[1]
+        for i in idx:
+            v = b.views[i]
+            assert v.shape == params[i].shape and v.dtype == params[i].dtype
+            assert v.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+            assert (v.data_ptr() - buf.data_ptr()) % 64 == 0  # 64-byte aligned segments
+    # float32 tensors are cut at 256 bytes: the 300-float tensor has a bucket of its own.
+    assert any(idx == (len(params) - 1,) for idx in b.bucket_positions)
+    assert all(p.grad is v for p, v in zip(params, b.views, strict=True))
+
+
+def test_buckets_with_compression_are_cut_by_wire_bytes():
+    params = _params(((64,), torch.float32), ((64,), torch.float32))
+    # 2 x 256 bytes in float32, 2 x 128 as fp16: one 256-byte bucket holds both on the wire.
+    assert len(GradientBuckets(params, ar.AllreduceConfig(bucket_cap_bytes=256)).buffers) == 2
+    cfg = ar.AllreduceConfig(bucket_cap_bytes=256, compression="fp16")
+    assert len(GradientBuckets(params, cfg).buffers) == 1
+
+
+def test_buckets_keep_existing_grads_and_backward_accumulates_into_the_views():
+    w = torch.zeros(3, requires_grad=True)
+    w.grad = torch.tensor([1.0, 2.0, 3.0])
+    b = GradientBuckets([w])
+    assert w.grad is b.views[0]
+    torch.testing.assert_close(w.grad, torch.tensor([1.0, 2.0, 3.0]))
+    b.zero_grad_()
+    (w * torch.tensor([4.0, 5.0, 6.0])).sum().backward()
+    assert w.grad is b.views[0]
+    torch.testing.assert_close(b.buffers[0][:3], torch.tensor([4.0, 5.0, 6.0]))
+    # The step's backward(inputs=...) writes into the views too.
+    b.zero_grad_()
+    (2 * w).sum().backward(inputs=[w])
+    assert w.grad is b.views[0] and torch.equal(w.grad, torch.full((3,), 2.0))
+
+
+def test_zero_grad_reattaches_after_set_to_none():
+    w = torch.zeros(3, requires_grad=True)
+    b = GradientBuckets([w])
+    opt = torch.optim.SGD([w], lr=0.1)
+    w.sum().backward()
+    opt.step()
+    opt.zero_grad()  # set_to_none
+    assert w.grad is None
+    b.zero_grad_()
+    assert w.grad is b.views[0] and torch.equal(b.buffers[0], torch.zeros_like(b.buffers[0]))
+    # A backward without the views makes new tensors; attach_ copies them in.
+    w.grad = None
+    (3 * w).sum().backward()
+    assert w.grad is not b.views[0]
+    b.attach_()
+    assert w.grad is b.views[0] and torch.equal(w.grad, torch.full((3,), 3.0))
+
+
+def test_holds_and_complete_buckets():
+    params = _params(*MIXED)
+    b = GradientBuckets(params)
+    views = list(b.views)
+    assert b.holds(views) and b.holds(tuple(views))
+    assert not b.holds(views[:-1]) and not b.holds([*views[:-1], views[-1].clone()])
+    assert b.complete_buckets(views) == list(range(len(b.buffers)))
+    float32 = next(k for k, idx in enumerate(b.bucket_positions) if 0 in idx)
+    broken = [views[0].clone(), *views[1:]]
+    assert float32 not in b.complete_buckets(broken)
+    assert len(b.complete_buckets(broken)) == len(b.buffers) - 1
+    assert float32 not in b.complete_buckets([*views, views[0]])  # a view twice
+
+
+def test_buckets_without_process_group_scale_in_place_and_return_the_views():
+    params = _params(*MIXED)
+    b = GradientBuckets(params)
+    for v in b.views:
+        v.fill_(2.0)
+    grads = [p.grad for p in params]
+    out = ar.allreduce_cond(grads, torch.tensor(0.25), buckets=b)
+    assert all(o is v for o, v in zip(out, b.views, strict=True))
+    assert [o.dtype for o in out] == [p.dtype for p in params]
+    for o in out:
+        assert torch.equal(o, torch.full_like(o, 0.5))
+    ptrs = [buf.data_ptr() for buf in b.buffers]
+    assert ar.allreduce_cond(grads, 1.0, buckets=b) == list(b.views)
+    assert [buf.data_ptr() for buf in b.buffers] == ptrs
+
+
+def test_buckets_partial_list_reduces_the_rest_out_of_place():
+    params = _params(*MIXED)
+    b = GradientBuckets(params)
+    for v in b.views:
+        v.fill_(2.0)
+    other = torch.full((4,), 2.0)
+    grads = [None, *[p.grad for p in params], other]
+    out = ar.allreduce_cond(grads, 0.5, buckets=b)
+    assert out[0] is None
+    assert all(o is v for o, v in zip(out[1:-1], b.views, strict=True))
+    assert out[-1] is not other and torch.equal(out[-1], torch.ones(4))
+    assert torch.equal(other, torch.full((4,), 2.0))  # not a view: out of place
+    assert all(torch.equal(v, torch.ones_like(v)) for v in b.views)
+
+
+def test_buckets_scale_that_requires_grad_leaves_no_graph():
+    w = torch.zeros(3, requires_grad=True)
+    b = GradientBuckets([w])
+    b.views[0].fill_(1.0)
+    out = ar.allreduce_cond([w.grad], torch.tensor(0.5, requires_grad=True), buckets=b)
+    assert not out[0].requires_grad and torch.equal(out[0], torch.full((3,), 0.5))
+
+
+@pytest.mark.parametrize(
+    ("params", "kwargs", "exc", "match"),
+    [
+        (torch.zeros(2, requires_grad=True), {}, TypeError, "params must be an iterable"),
+        ([1.0], {}, TypeError, r"params\[0\] must be a torch.Tensor, got float"),
+        ([torch.zeros(2, dtype=torch.int64)], {}, TypeError, r"params\[0\] must have a floating"),
+        ([torch.zeros(2)], {}, ValueError, r"params\[0\] does not require grad"),
+        ([torch.zeros(2, requires_grad=True)], {"config": {}}, TypeError, "config must be"),
+    ],
+)
+def test_buckets_errors(params, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        GradientBuckets(params, **kwargs)
+
+
+def test_buckets_reject_a_param_twice():
+    w = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match=r"params\[1\] appears twice"):
+        GradientBuckets([w, w])
+
+
+def test_buckets_bad_arguments_change_nothing():
+    w = torch.zeros(3, requires_grad=True)
+    b = GradientBuckets([w])
+    b.views[0].fill_(2.0)
+    with pytest.raises(TypeError, match="buckets must be a GradientBuckets"):
+        ar.allreduce_cond([w.grad], 0.5, buckets=[b])
+    with pytest.raises(ValueError, match="scale must be a 0-d tensor"):
+        ar.allreduce_cond([w.grad], torch.ones(2), buckets=b)
+    with pytest.raises(TypeError, match="config must be an AllreduceConfig"):
+        b.allreduce_(0.5, {"fusion": "one"})
+    with pytest.raises(ValueError, match=r"Invalid buckets: \[3\]"):
+        b.allreduce_(0.5, buckets=[3])
+    assert torch.equal(b.views[0], torch.full((3,), 2.0))
+
+
+# --- the package's own rules ---------------------------------------------------------------
+
+DISTRIBUTED = pathlib.Path(ar.__file__).parent
+
+
+@pytest.mark.parametrize("path", sorted(DISTRIBUTED.glob("*.py")), ids=lambda p: p.name)
+def test_no_private_name_crosses_a_module_boundary(path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("monolith_torch"):
+            private = [a.name for a in node.names if a.name.startswith("_")]
+            assert not private, f"{path.name} imports {private} from {node.module}"
+    doc = ast.get_docstring(tree) or ""
+    assert "May import" in doc or "Imports only" in doc or path.name == "__init__.py", (
+        f"{path.name}: the docstring must say what the module may import"
+    )
+    assert len(path.read_text().splitlines()) < 400, f"{path.name} is over 400 lines"

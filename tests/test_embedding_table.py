@@ -9,13 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from monolith_torch.embedding import entry
-from monolith_torch.embedding.table import (
-    EmbeddingTable,
-    _initial_values_torch,
-    _stream_seed,
-    initial_values,
-    learning_rate_at,
-)
+from monolith_torch.embedding.initializers import initial_values, initial_values_torch, stream_seed
+from monolith_torch.embedding.optimizers import learning_rate_at
+from monolith_torch.embedding.table import EmbeddingTable
 
 
 class FakeClock:
@@ -180,8 +176,8 @@ def test_initializer_kernel_bitwise_equals_torch(initializer, seed, slot_id, fir
     # The CPU implementation (compiled kernel) against the CUDA one (torch), run on CPU.
     ids = _special_and_random_ids(seed & 0xFFFF)
     cols = torch.arange(first, first + dim)
-    for stream in (_stream_seed(seed, slot_id), 0, -1, _INT64_MIN, _INT64_MAX):
-        _assert_same_bits(initial_values(initializer, ids, cols, stream), _initial_values_torch(initializer, ids, cols, stream))
+    for stream in (stream_seed(seed, slot_id), 0, -1, _INT64_MIN, _INT64_MAX):
+        _assert_same_bits(initial_values(initializer, ids, cols, stream), initial_values_torch(initializer, ids, cols, stream))
 
 
 @pytest.mark.parametrize("seed", [0, 11])
@@ -201,8 +197,8 @@ def test_table_rows_from_kernel_bitwise_equal_torch(seed):
         for chunk in ids.split(700):  # several calls, so rows are appended and grown
             t.lookup_rows(chunk)
     _assert_same_bits(compiled.lookup(ids, insert=False), torch_ops.lookup(ids, insert=False))
-    _assert_same_bits(compiled.lookup(ids, insert=False)[:, :3], _initial_values_torch(
-        segs[0].initializer, ids, torch.arange(3), _stream_seed(seed, 4)))
+    _assert_same_bits(compiled.lookup(ids, insert=False)[:, :3], initial_values_torch(
+        segs[0].initializer, ids, torch.arange(3), stream_seed(seed, 4)))
 
 
 def test_initial_values_rejects_unknown_initializer():

@@ -39,6 +39,8 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
+from monolith_torch.embedding.placement.sharded import merge_table_states
+
 __all__ = ["save_checkpoint", "restore_checkpoint", "load_checkpoint_file", "remove_checkpoint", "CheckpointError"]
 
 _MAGIC = b"MTCKPT1\n"
@@ -77,6 +79,13 @@ def _step_value(global_step) -> int | None:
     raise TypeError(f"global_step must be an int or a one-element tensor, got {type(global_step).__name__}")
 
 
+def _the_global_step(owner, global_step):
+    """The run's global step: the one passed in, else the table owner's own count."""
+    if global_step is not None or owner is None:
+        return global_step
+    return getattr(owner, "global_step", None)
+
+
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -100,11 +109,14 @@ def save_checkpoint(path, ctx, model=None, optimizer=None, global_step=None) -> 
         ctx: a ``NativeContext`` (its hash-table factory is saved), or None.
         model: a ``torch.nn.Module`` whose ``state_dict`` is saved.
         optimizer: a ``torch.optim.Optimizer`` whose ``state_dict`` is saved.
-        global_step: an int or a one-element tensor.
+        global_step: an int or a one-element tensor: the run's one global
+            step. None saves the factory's own count (``factory.global_step``).
 
-    With a sharded factory over several processes this is a collective: every
-    rank calls it with the same ``path``; each writes its shard, rank 0 the
-    manifest at ``path`` (see the module docstring).
+    With a factory over several processes this is a collective: every rank
+    calls it with the same ``path``. Replicated tables: every replica evicts
+    the same expired rows (at rank 0's clock) and rank 0 writes the file.
+    Sharded tables: each rank writes its shard, rank 0 the manifest at
+    ``path`` (see the module docstring).
 
     Returns:
         The path written.
@@ -115,19 +127,20 @@ def save_checkpoint(path, ctx, model=None, optimizer=None, global_step=None) -> 
             the previous file at ``path`` is untouched and no manifest is written.
     """
     path = os.fspath(path)
-    step = _step_value(global_step)
+    owner = _table_owner(ctx)
+    step = _step_value(_the_global_step(owner, global_step))
     if ctx is not None and getattr(ctx, "async_function_mgr", None) is not None:
         ctx.async_function_mgr.flush()
-    owner = _table_owner(ctx)
-    replicated = getattr(owner, "_replica_group", lambda: None)() is not None
-    if owner is not None and hasattr(owner, "evict_expired") and not replicated:
-        # As Monolith: rows past their expire_time are dropped when saving.
-        # Replicas are not evicted here: each must drop the same rows, at a
-        # time the ranks agreed on (Trainer.save does that), or they drift.
+    placement = getattr(owner, "placement", None)
+    if owner is not None and hasattr(owner, "evict_expired"):
+        # As Monolith: rows past their expire_time are dropped when saving
+        # (replicas: a collective, so every replica drops the same rows).
         owner.evict_expired()
-    group = owner.shard_group() if owner is not None and hasattr(owner, "shard_group") else None
-    if group is not None:
-        return _save_sharded(path, owner, group, model, optimizer, step)
+    kind = getattr(placement, "kind", "local")
+    if kind == "sharded":
+        return _save_sharded(path, owner, placement.group, model, optimizer, step)
+    if kind == "replicated" and dist.get_rank(placement.group) != 0:
+        return path  # rank 0 writes the replicas' common state
     payload = {
         "format": _FORMAT,
         "tables": owner.state_dict() if owner is not None else None,
@@ -146,20 +159,12 @@ def _write_file(path: str, payload: dict) -> str:
     data = buf.getbuffer()
     digest = hashlib.sha256(data).hexdigest().encode()
     header = _MAGIC + digest + b"\n" + b"%020d" % len(data) + b"\n"
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
+    from monolith_torch.core.fileio import atomic_write
+
+    # A new temp file under an unguessable name (.<name>.tmp-<hex>), fsync, rename, fsync the directory.
+    with atomic_write(path, "wb") as f:
+        f.write(header)
+        f.write(data)
     return digest.decode()
 
 
@@ -269,8 +274,6 @@ def _read_file(path) -> tuple[dict, str]:
 
 def _sharded_tables(path: str, payload: Mapping, owner) -> dict:
     """The table state of a manifest: the shards this process needs, merged; checksums checked."""
-    from monolith_torch.embedding.placement.sharded import merge_table_states
-
     shards = payload["shards"]
     world, files, digests = shards["world"], shards["files"], shards["sha256"]
     info = owner.shard_info() if hasattr(owner, "shard_info") else None
@@ -294,28 +297,72 @@ def _sharded_tables(path: str, payload: Mapping, owner) -> dict:
 
 
 def _check_model(path: str, model, saved) -> None:
-    if saved is None:
+    if not isinstance(saved, Mapping):
         raise CheckpointError(f"checkpoint {path!r} holds no model state")
     current = model.state_dict()
     if set(current) != set(saved):
         missing, extra = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
         raise CheckpointError(f"checkpoint {path!r}: model keys differ (missing {missing}, unexpected {extra})")
     for k, v in current.items():
-        if isinstance(v, torch.Tensor) and (
-            not isinstance(saved[k], torch.Tensor) or saved[k].shape != v.shape
-        ):
+        if not isinstance(v, torch.Tensor):
+            continue
+        got = saved[k]
+        if not isinstance(got, torch.Tensor):
+            raise CheckpointError(f"checkpoint {path!r}: model {k!r} is a {type(got).__name__}, expected a tensor")
+        if got.shape != v.shape:
             raise CheckpointError(
-                f"checkpoint {path!r}: model {k!r} has shape {tuple(getattr(saved[k], 'shape', ()))}, "
-                f"expected {tuple(v.shape)}"
+                f"checkpoint {path!r}: model {k!r} has shape {tuple(got.shape)}, expected {tuple(v.shape)}"
             )
+        if got.dtype != v.dtype:
+            raise CheckpointError(f"checkpoint {path!r}: model {k!r} has dtype {got.dtype}, expected {v.dtype}")
 
 
 def _check_optimizer(path: str, optimizer, saved) -> None:
+    """The saved optimizer state must be the same kind of optimizer over parameters of the same shapes."""
     if saved is None:
         raise CheckpointError(f"checkpoint {path!r} holds no optimizer state")
-    groups, saved_groups = optimizer.param_groups, saved.get("param_groups", [])
+    where = f"checkpoint {path!r}: optimizer state"
+    saved_groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
+    saved_state = saved.get("state") if isinstance(saved, Mapping) else None
+    if not isinstance(saved_groups, list) or not isinstance(saved_state, Mapping) or not all(
+        isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in saved_groups
+    ):
+        raise CheckpointError(f"{where} is malformed (expected 'state' and 'param_groups')")
+    groups = optimizer.param_groups
     if [len(g["params"]) for g in groups] != [len(g["params"]) for g in saved_groups]:
         raise CheckpointError(f"checkpoint {path!r}: optimizer parameter groups do not match")
+    for g, sg in zip(groups, saved_groups, strict=True):
+        missing = sorted(set(g) - set(sg))
+        if missing:
+            raise CheckpointError(
+                f"{where} lacks the settings {missing} of {type(optimizer).__name__}: it was saved by another "
+                "kind of optimizer"
+            )
+    params = {i: p for g, sg in zip(groups, saved_groups, strict=True) for i, p in zip(sg["params"], g["params"], strict=True)}
+    for i, entry in saved_state.items():
+        if i not in params or not isinstance(entry, Mapping):
+            raise CheckpointError(f"{where} for parameter {i!r} does not belong to any parameter group")
+        p = params[i]
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                if value.dim() and (value.shape != p.shape or not value.is_floating_point()):
+                    raise CheckpointError(
+                        f"{where} {name!r} of parameter {i} has shape {tuple(value.shape)} and dtype "
+                        f"{value.dtype}, expected {tuple(p.shape)} floating point"
+                    )
+            elif isinstance(value, bool) or not isinstance(value, int | float):
+                raise CheckpointError(f"{where} {name!r} of parameter {i} is a {type(value).__name__}")
+
+
+def _saved_step(path: str, payload: Mapping) -> int | None:
+    """The saved global step (None if none); raises ``CheckpointError`` on one that is not an int >= 0."""
+    # Written before the global step had one home, the factory's state held its own count too.
+    tables = payload.get("tables")
+    old = tables.get("global_step") if isinstance(tables, Mapping) else None
+    for where, step in (("global_step", payload.get("global_step")), ("tables.global_step", old)):
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise CheckpointError(f"checkpoint {path!r}: {where} is {step!r}, expected an int >= 0")
+    return payload.get("global_step") if payload.get("global_step") is not None else old
 
 
 def _checked_payload(path: str, owner, model, optimizer, global_step) -> tuple[dict, int | None]:
@@ -324,17 +371,17 @@ def _checked_payload(path: str, owner, model, optimizer, global_step) -> tuple[d
     if owner is not None and payload.get("shards") is not None:
         payload["tables"] = _sharded_tables(path, payload, owner)
     if owner is not None:
-        if payload["tables"] is None:
+        if payload.get("tables") is None:
             raise CheckpointError(f"checkpoint {path!r} holds no embedding tables")
         try:
             owner.check_state_dict(payload["tables"])
-        except (ValueError, TypeError, KeyError) as e:
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {path!r}: {e}") from e
     if model is not None:
-        _check_model(path, model, payload["model"])
+        _check_model(path, model, payload.get("model"))
     if optimizer is not None:
-        _check_optimizer(path, optimizer, payload["optimizer"])
-    step = payload["global_step"]
+        _check_optimizer(path, optimizer, payload.get("optimizer"))
+    step = _saved_step(path, payload)
     if isinstance(global_step, torch.Tensor) and step is None:
         raise CheckpointError(f"checkpoint {path!r} holds no global step")
     return payload, step
@@ -349,7 +396,8 @@ def restore_checkpoint(path, ctx, model=None, optimizer=None, global_step=None) 
     Args:
         path: the checkpoint file.
         ctx, model, optimizer: the live objects to restore into (None: skip).
-        global_step: a tensor restored in place (ints cannot be; use the return value).
+        global_step: a tensor restored in place (ints cannot be; use the return
+            value). None restores the factory's own count (``factory.global_step``).
 
     Returns:
         The saved global step (None if none was saved).
@@ -360,7 +408,8 @@ def restore_checkpoint(path, ctx, model=None, optimizer=None, global_step=None) 
     """
     path = os.fspath(path)
     owner = _table_owner(ctx)
-    group = owner.shard_group() if owner is not None and hasattr(owner, "shard_group") else None
+    placement = getattr(owner, "placement", None)
+    group = placement.group if getattr(placement, "kind", None) == "sharded" else None
     error = payload = step = None
     try:
         payload, step = _checked_payload(path, owner, model, optimizer, global_step)
@@ -384,6 +433,7 @@ def restore_checkpoint(path, ctx, model=None, optimizer=None, global_step=None) 
         model.load_state_dict(payload["model"])
     if optimizer is not None:
         optimizer.load_state_dict(payload["optimizer"])
-    if isinstance(global_step, torch.Tensor):
-        global_step.fill_(step)
+    target = _the_global_step(owner, global_step)
+    if isinstance(target, torch.Tensor) and step is not None:
+        target.fill_(step)
     return step

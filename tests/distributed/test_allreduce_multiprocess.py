@@ -4,6 +4,13 @@ The test spawns its own workers (this file, run as a script), so plain ``pytest`
 enough. Each world size is spawned once and runs every fusion x compression case;
 the parent checks the saved results against an average it computes itself.
 
+The persistent buckets (``GradientBuckets``) run on 2 ranks: gradients written by a
+backward into their views are reduced in place and must equal the packing path bit
+for bit, for every fusion x compression x bucket size x scale. On 2 ranks every
+element is ``a + b`` whatever the layout, so bitwise equality is the right check; on
+3 or more ranks gloo's ring sums chunks in a position-dependent order, and only
+fusion ``"one"`` with the same config keeps the layout (and the bits).
+
 Tolerances, for positive inputs (no cancellation): float32/float64 paths divide by the
 world size, then sum, so each output is within a few ulps: 1e-6 relative. A 16-bit
 wire (fp16/bf16 compression, or 16-bit gradients) rounds each prescaled value once and
@@ -26,6 +33,7 @@ import torch
 
 FUSIONS = ("none", "one", "grouped")
 COMPRESSIONS = (None, "fp16", "bf16")
+BUCKET_CAPS = (None, 256, 8 * 2**20)
 SCALE = 0.5
 FAIL_TIMEOUT_S = 2.0
 
@@ -106,6 +114,11 @@ def _worker(
         dist.barrier()
         dist.destroy_process_group()
         return
+    if scenario == "buckets":
+        torch.save(_buckets_cases(grads), out / f"rank{rank}.pt")
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     # Failure scenarios: the last rank dies or stalls; the others must fail quickly.
     victim = world - 1
     dist.barrier()
@@ -124,6 +137,67 @@ def _worker(
     result["elapsed"] = time.monotonic() - t0
     torch.save(result, out / f"rank{rank}.pt")
     os._exit(0)  # the group is broken; skip teardown that could wait on the dead peer
+
+
+def _backward_into(buckets, params, grads) -> None:
+    """Writes ``grads`` into the parameters' ``.grad`` by a real backward."""
+    buckets.zero_grad_()
+    loss = sum((p * g.detach()).sum() for p, g in zip(params, grads, strict=True))
+    loss.backward()
+
+
+def _buckets_cases(grads: list) -> dict:
+    """Persistent buckets against the packing path; results and checks for the parent."""
+    from monolith_torch.distributed.allreduce import AllreduceConfig, allreduce_cond
+    from monolith_torch.distributed.gradient_buckets import GradientBuckets
+
+    dense = [g for g in grads if g is not None]
+    params = [torch.zeros(g.shape, dtype=g.dtype, requires_grad=True) for g in dense]
+    results: dict = {}
+    for fusion in FUSIONS:
+        for compression in COMPRESSIONS:
+            for cap in BUCKET_CAPS:
+                cfg = AllreduceConfig(
+                    fusion=fusion,
+                    compression=compression,
+                    bucket_cap_bytes=cap,
+                    timeout=datetime.timedelta(seconds=20),
+                )
+                buckets = GradientBuckets(params, cfg)
+                for how, scale in (("tensor", torch.tensor(SCALE)), ("float", 2.0)):
+                    packed = allreduce_cond(grads, scale, cfg)
+                    _backward_into(buckets, params, dense)
+                    views_kept = all(
+                        p.grad is v for p, v in zip(params, buckets.views, strict=True)
+                    )
+                    got = allreduce_cond([p.grad for p in params], scale, cfg, buckets=buckets)
+                    in_place = all(g is v for g, v in zip(got, buckets.views, strict=True))
+                    results[(fusion, compression, cap, how)] = {
+                        "packed": [g for g in packed if g is not None],
+                        "buckets": [g.clone() for g in got],
+                        "views_kept": views_kept,
+                        "in_place": in_place,
+                    }
+    # One gradient that is not a view (as a stage that replaces a tensor leaves it):
+    # its bucket is packed, the others stay in place, the values are the same.
+    cfg = AllreduceConfig(fusion="one", bucket_cap_bytes=256)
+    buckets = GradientBuckets(params, cfg)
+    _backward_into(buckets, params, dense)
+    mixed = [p.grad for p in params]
+    mixed[-1] = mixed[-1].clone()
+    got = allreduce_cond(mixed, torch.tensor(SCALE), cfg, buckets=buckets)
+    owner = next(k for k, idx in enumerate(buckets.bucket_positions) if len(params) - 1 in idx)
+    results["partial"] = {
+        "packed": [g for g in allreduce_cond(grads, torch.tensor(SCALE), cfg) if g is not None],
+        "buckets": [g.clone() for g in got],
+        "in_place": [got[i] is buckets.views[i] for i in range(len(params))],
+        "owner": list(buckets.bucket_positions[owner]),
+    }
+    # skip: nothing communicated, the views scaled in place.
+    _backward_into(buckets, params, dense)
+    got = allreduce_cond([p.grad for p in params], 3.0, AllreduceConfig(skip=True), buckets=buckets)
+    results["skip"] = [g.clone() for g in got]
+    return results
 
 
 # --- the parent -------------------------------------------------------------------------
@@ -219,6 +293,46 @@ def test_inputs_untouched_and_all_none_kept(matrix):
         assert results[r]["all_none"] == [None, None]
         for got, ref in zip(results[r]["inputs_after"], make_grads(r), strict=True):
             assert (got is None and ref is None) or torch.equal(got, ref)
+
+
+@pytest.fixture(scope="module")
+def buckets_results(tmp_path_factory):
+    return run_workers("buckets", 2, tmp_path_factory.mktemp("buckets"), wait_s=120.0)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("cap", BUCKET_CAPS, ids=lambda c: f"cap{c}")
+@pytest.mark.parametrize("compression", COMPRESSIONS, ids=str)
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_buckets_in_place_equal_the_packing_path_bitwise(buckets_results, fusion, compression, cap):
+    for how in ("tensor", "float"):
+        per_rank = [buckets_results[r][(fusion, compression, cap, how)] for r in (0, 1)]
+        for res in per_rank:
+            assert res["views_kept"], "backward replaced a .grad view"
+            assert res["in_place"], "allreduce_cond did not return the views"
+            for got, ref in zip(res["buckets"], res["packed"], strict=True):
+                assert got.dtype == ref.dtype and got.shape == ref.shape
+                assert torch.equal(got, ref), f"{how} scale: in place differs from packing"
+        for a, b in zip(per_rank[0]["buckets"], per_rank[1]["buckets"], strict=True):
+            assert torch.equal(a, b), "ranks disagree"
+
+
+@pytest.mark.timeout(150)
+def test_buckets_pack_only_the_bucket_that_is_not_all_views(buckets_results):
+    for r in (0, 1):
+        res = buckets_results[r]["partial"]
+        owner = set(res["owner"])
+        assert res["in_place"] == [i not in owner for i in range(len(res["in_place"]))]
+        for got, ref in zip(res["buckets"], res["packed"], strict=True):
+            assert torch.equal(got, ref)
+
+
+@pytest.mark.timeout(150)
+def test_buckets_with_skip_scale_in_place_only(buckets_results):
+    for r in (0, 1):
+        dense = [g for g in make_grads(r) if g is not None]
+        for got, g in zip(buckets_results[r]["skip"], dense, strict=True):
+            torch.testing.assert_close(got, g * 3.0, rtol=0, atol=0)
 
 
 @pytest.mark.timeout(60)

@@ -17,6 +17,10 @@ Mixed dtypes: a buffer has one dtype. Either all tensors share it, or the caller
 names the buffer's ``dtype`` and the values are cast during the copy (this is how
 fp16/bf16 compression packs float32 gradients). ``allreduce_cond`` groups its
 gradients by (device, dtype) and builds one buffer per group.
+
+:func:`aligned_flat_layout`, :func:`aligned_flat_pack` and :func:`aligned_flat_views`
+are the unchecked building blocks the allreduce uses on its hot path. Imports only
+torch. Also importable under Monolith's name, ``monolith_torch.distribution_ops``.
 """
 
 from __future__ import annotations
@@ -28,8 +32,13 @@ import torch
 __all__ = [
     "ALIGNMENT_BYTES",
     "aligned_flat_concat",
+    "aligned_flat_layout",
     "aligned_flat_numel",
+    "aligned_flat_pack",
     "aligned_flat_split",
+    "aligned_flat_views",
+    "check_scale",
+    "one_dim_view",
 ]
 
 ALIGNMENT_BYTES = 64
@@ -42,8 +51,16 @@ def _align_elems(dtype: torch.dtype) -> int:
     return max(1, ALIGNMENT_BYTES // itemsize)
 
 
-def _layout(numels: Sequence[int], dtype: torch.dtype) -> tuple[list[int], int]:
-    """Returns the split sizes ``[n_0, pad_0, n_1, pad_1, ...]`` and the total length."""
+def aligned_flat_layout(numels: Sequence[int], dtype: torch.dtype) -> tuple[list[int], int]:
+    """The aligned layout of tensors with ``numels`` elements in a buffer of ``dtype``.
+
+    No validation: the building block of :func:`aligned_flat_concat` and
+    :func:`aligned_flat_split` for callers that checked their inputs.
+
+    Returns:
+        The split sizes ``[n_0, pad_0, n_1, pad_1, ...]`` (``flat.split(sizes)[0::2]``
+        are the segments) and the buffer's total length.
+    """
     align = _align_elems(dtype)
     sizes: list[int] = []
     total = 0
@@ -70,6 +87,17 @@ def _check_tensor_list(tensors: object, name: str) -> list[torch.Tensor]:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
     return list(tensors)
+
+
+def one_dim_view(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a 1-element view of it when ``t`` is 0-d.
+
+    For multiplying by a 0-d tensor ``scale`` in ``t``'s dtype: torch promotes a 0-d
+    tensor times a 0-d tensor of a wider dtype (bfloat16 * float32 -> float32), but
+    not a tensor with a dimension, whose product keeps its dtype and rounds exactly as
+    a whole flat buffer multiplied in place does.
+    """
+    return t.reshape(1) if t.dim() == 0 else t
 
 
 def check_scale(scale: object, device: torch.device | None = None) -> None:
@@ -101,7 +129,7 @@ def aligned_flat_numel(like: Sequence[torch.Tensor | torch.Size], dtype: torch.d
         The number of elements of the buffer, padding included.
     """
     _check_floating_dtype(dtype, "dtype")
-    return _layout([_numel_of(x, i) for i, x in enumerate(like)], dtype)[1]
+    return aligned_flat_layout([_numel_of(x, i) for i, x in enumerate(like)], dtype)[1]
 
 
 def _numel_of(x: object, i: int) -> int:
@@ -175,18 +203,32 @@ def aligned_flat_concat(
             )
     check_scale(scale, device)
     buf_dtype = dtype if dtype is not None else tensors[0].dtype
-    sizes, total = _layout([t.numel() for t in tensors], buf_dtype)
-    return _concat_unchecked(tensors, scale, buf_dtype, sizes, total)
+    sizes, total = aligned_flat_layout([t.numel() for t in tensors], buf_dtype)
+    return aligned_flat_pack(tensors, scale, buf_dtype, sizes, total)
 
 
-def _concat_unchecked(
+def aligned_flat_pack(
     tensors: list[torch.Tensor],
     scale: float | torch.Tensor,
     buf_dtype: torch.dtype,
     sizes: list[int],
     total: int,
 ) -> torch.Tensor:
-    """:func:`aligned_flat_concat` on checked inputs and a precomputed :func:`_layout`."""
+    """:func:`aligned_flat_concat` without its checks, on a precomputed layout.
+
+    For hot paths that validated ``tensors`` and ``scale`` already (the checks cost
+    more than the copy for many small tensors). Out of place; no host sync.
+
+    Args:
+        tensors: non-empty list of floating tensors on one device.
+        scale: python number or 0-d floating tensor.
+        buf_dtype: the buffer's floating dtype.
+        sizes: :func:`aligned_flat_layout`'s split sizes for ``buf_dtype``.
+        total: :func:`aligned_flat_layout`'s total length.
+
+    Returns:
+        A new 1-D buffer of ``total`` elements, as :func:`aligned_flat_concat`.
+    """
     device = tensors[0].device
     flat = torch.empty(total, dtype=buf_dtype, device=device)
     scale_is_one = isinstance(scale, (int, float)) and scale == 1
@@ -218,12 +260,26 @@ def _concat_unchecked(
         if gaps:
             torch._foreach_zero_(gaps)
         for seg, t in zip(segments[0::2], tensors, strict=True):
-            torch.mul(t, scale, out=seg.view(t.shape))
+            if t.dim() == 0:
+                torch.mul(one_dim_view(t), scale, out=seg)
+            else:
+                torch.mul(t, scale, out=seg.view(t.shape))
     return flat
 
 
-def _split_unchecked(flat: torch.Tensor, sizes: list[int], shapes: list) -> list[torch.Tensor]:
-    """:func:`aligned_flat_split` on a checked buffer and a precomputed :func:`_layout`."""
+def aligned_flat_views(
+    flat: torch.Tensor, sizes: Sequence[int], shapes: Sequence[Sequence[int]]
+) -> list[torch.Tensor]:
+    """:func:`aligned_flat_split` without its checks, on a precomputed layout.
+
+    Args:
+        flat: 1-D contiguous buffer of the layout's total length.
+        sizes: :func:`aligned_flat_layout`'s split sizes.
+        shapes: one shape per segment.
+
+    Returns:
+        Views of ``flat``, one per shape; no copy.
+    """
     segments = flat.split(sizes)
     return [
         seg if len(shape) == 1 else seg.view(shape)
@@ -271,10 +327,10 @@ def aligned_flat_split(
         )
     layout_dtype = flat.dtype if layout_dtype is None else layout_dtype
     _check_floating_dtype(layout_dtype, "layout_dtype")
-    sizes, total = _layout([_numel_of(x, i) for i, x in enumerate(like)], layout_dtype)
+    sizes, total = aligned_flat_layout([_numel_of(x, i) for i, x in enumerate(like)], layout_dtype)
     if flat.numel() != total:
         raise ValueError(
             f"flat has {flat.numel()} elements, but the aligned layout of {len(like)} "
             f"tensor(s) for {layout_dtype} needs {total}"
         )
-    return _split_unchecked(flat, sizes, [_shape_of(x) for x in like])
+    return aligned_flat_views(flat, sizes, [_shape_of(x) for x in like])

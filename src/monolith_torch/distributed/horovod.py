@@ -1,10 +1,13 @@
 """The Horovod backend of :func:`~monolith_torch.distributed.allreduce.allreduce_cond`.
 
-Kept apart from :mod:`monolith_torch.distributed.allreduce` because Horovod is optional (built by
-``scripts/build_horovod.sh``): this module is imported only when
+Horovod is optional (built by ``scripts/build_horovod.sh``): importing this module
+does not import it; :func:`allreduce_horovod` does, through
+:func:`~monolith_torch.distributed.config.import_horovod`, and runs only when
 ``AllreduceConfig(backend="horovod")`` is active, i.e. after ``hvd.init()`` under
 ``horovodrun``. Every rank must make the same calls in the same order: the collective
-names below are positions, identical across ranks.
+names below are positions, identical across ranks. May import
+:mod:`monolith_torch.distributed.config`, ``.buckets``, ``.flat_buffers``,
+:mod:`monolith_torch.core` and torch.
 """
 
 from __future__ import annotations
@@ -14,14 +17,15 @@ from typing import Any
 
 import torch
 
-from monolith_torch.distributed.allreduce import (
-    AllreduceConfig,
-    _buckets,
-    _divide,
-    _group_by_device_dtype,
-    _import_horovod,
+from monolith_torch.core.tensor_lists import group_by_device_and_dtype
+from monolith_torch.distributed.buckets import bucket_indices, divide_scale
+from monolith_torch.distributed.config import AllreduceConfig, import_horovod
+from monolith_torch.distributed.flat_buffers import (
+    aligned_flat_layout,
+    aligned_flat_pack,
+    aligned_flat_views,
+    one_dim_view,
 )
-from monolith_torch.distributed.flat_buffers import _concat_unchecked, _layout, _split_unchecked
 
 __all__ = ["allreduce_horovod"]
 
@@ -64,18 +68,18 @@ def allreduce_horovod(
     Raises:
         RuntimeError: a Horovod collective failed (a peer died, or never joined).
     """
-    hvd = _import_horovod()
+    hvd = import_horovod()
     if config.compression is None:
         # Horovod's own average (sum, then divide by size), as Monolith calls it.
         op, prescale = hvd.Average, scale
     else:
         # Sum of (x * scale / size): dividing first keeps the fp16 sum in range.
-        op, prescale = hvd.Sum, _divide(scale, hvd.size())
+        op, prescale = hvd.Sum, divide_scale(scale, hvd.size())
     wire = _HorovodWire(config.compression)
     if config.fusion == "one":
         return _horovod_one(hvd, tensors, prescale, op, wire, config.bucket_cap_bytes)
     out: list[torch.Tensor] = [tensors[0]] * len(tensors)
-    for k, idx in enumerate(_group_by_device_dtype(tensors)):
+    for k, idx in enumerate(group_by_device_and_dtype(tensors).values()):
         dtype = tensors[idx[0]].dtype
         send = wire.wire_dtype(dtype)
         # Horovod's fp16 compressor casts whatever it gets: hand it the prescaled
@@ -113,7 +117,8 @@ def _scaled_copy(
         if t.is_contiguous():
             return t
     out = torch.empty(t.shape, dtype=dtype, device=t.device)
-    return torch.mul(t, prescale, out=out)
+    torch.mul(one_dim_view(t), prescale, out=one_dim_view(out))
+    return out
 
 
 def _horovod_one(
@@ -130,10 +135,11 @@ def _horovod_one(
     what = f"fused allreduce of {len(tensors)} tensor(s) (fusion='one')"
     pending = []
     try:
-        for k, idx in enumerate(_buckets(tensors, wire, cap_bytes)):
+        for k, idx in enumerate(bucket_indices(tensors, wire, cap_bytes)):
             group = [tensors[i] for i in idx]
-            sizes, total = _layout([t.numel() for t in group], wire.wire_dtype(group[0].dtype))
-            flat = _concat_unchecked(group, prescale, wire.wire_dtype(group[0].dtype), sizes, total)
+            send = wire.wire_dtype(group[0].dtype)
+            sizes, total = aligned_flat_layout([t.numel() for t in group], send)
+            flat = aligned_flat_pack(group, prescale, send, sizes, total)
             handle = hvd.allreduce_async_(flat, op=op, name=f"monolith.aligned_flat.{k}")
             pending.append((idx, group, sizes, flat, handle))
         for *_, handle in pending:
@@ -145,7 +151,7 @@ def _horovod_one(
         dtype = group[0].dtype
         flat = flat if flat.dtype == dtype else flat.to(dtype)
         for i, view in zip(
-            idx, _split_unchecked(flat, sizes, [t.shape for t in group]), strict=True
+            idx, aligned_flat_views(flat, sizes, [t.shape for t in group]), strict=True
         ):
             out[i] = view
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 __all__ = [
     "Optimizer",
@@ -18,6 +19,8 @@ __all__ = [
     "AdagradOptimizer",
     "FtrlOptimizer",
     "AdamOptimizer",
+    "MomentumOptimizer",
+    "RmspropOptimizer",
     "Initializer",
     "ZerosInitializer",
     "ConstantsInitializer",
@@ -40,6 +43,11 @@ DEFAULT_LEARNING_RATE = 0.01
 def _check_non_negative(name: str, value: float | None) -> None:
     if value is not None and (not math.isfinite(value) or value < 0):
         raise ValueError(f"Invalid {name}: {value!r} (expected a finite value >= 0)")
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"Invalid {name}: {value!r} (expected 0 <= {name} < 1)")
 
 
 def _check_positive(name: str, value: float | None) -> None:
@@ -122,13 +130,51 @@ class AdamOptimizer(Optimizer):
 
     def __post_init__(self):
         _check_positive("learning_rate", self.learning_rate)
-        for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"Invalid {name}: {value!r} (expected 0 <= {name} < 1)")
+        _check_fraction("beta1", self.beta1)
+        _check_fraction("beta2", self.beta2)
         _check_positive("epsilon", self.epsilon)
         _check_non_negative("weight_decay_factor", self.weight_decay_factor)
         _check_non_negative("warmup_steps", self.warmup_steps)
+
+
+@dataclass(frozen=True)
+class MomentumOptimizer(Optimizer):
+    """Momentum as Monolith's kernel, the velocity ``n`` holding the learning rate.
+
+    ``g' = g + wd*w; n' = momentum*n - lr*g'``, then ``w += n'``, or with
+    ``use_nesterov`` ``w += -momentum*n + (1 + momentum)*n'``.
+    """
+
+    learning_rate: float | None = None
+    weight_decay_factor: float = 0.0
+    use_nesterov: bool = False
+    momentum: float = 0.9
+    warmup_steps: int = 0
+
+    def __post_init__(self):
+        _check_positive("learning_rate", self.learning_rate)
+        _check_non_negative("weight_decay_factor", self.weight_decay_factor)
+        _check_fraction("momentum", self.momentum)
+        _check_non_negative("warmup_steps", self.warmup_steps)
+
+
+@dataclass(frozen=True)
+class RmspropOptimizer(Optimizer):
+    """RMSProp as Monolith's kernel: ``momentum`` is the decay of the mean square ``n``.
+
+    ``g' = g + wd*w; n' = momentum*n + (1 - momentum)*g'^2; w -= lr*g'/(sqrt(n') + 1)``.
+    """
+
+    learning_rate: float | None = None
+    weight_decay_factor: float = 0.0
+    momentum: float = 0.9
+    # Monolith's RmspropOptimizer takes no warmup_steps.
+    warmup_steps: ClassVar[int] = 0
+
+    def __post_init__(self):
+        _check_positive("learning_rate", self.learning_rate)
+        _check_non_negative("weight_decay_factor", self.weight_decay_factor)
+        _check_fraction("momentum", self.momentum)
 
 
 class Initializer:

@@ -3,11 +3,11 @@
 Re-creates Monolith's hash-table feature factory (``feature.FeatureFactory``
 over ``multi_hash_table``): one ``EmbeddingTable`` per slot; ``lookup`` turns
 a batch of ragged ids into per-feature leaf tensors and slices, and
-``apply_gradients`` routes the leaves' gradients back to the rows. With
-``torch.distributed`` initialized and more than one process, the tables are
-replicas (every rank applies the per-id average of all ranks' gradients), or,
-with ``sharded=True``, row-wise shards: each id's row lives on one owner rank
-and lookups and gradients travel with ``all_to_all`` (see ``sharding``).
+``apply_gradients`` routes the leaves' gradients back to the rows. Where the
+rows live (this process, replicas, or row-wise shards) is the factory's
+``placement``, picked once when the factory is made (``embedding.placement``).
+May import ``embedding.feature``, ``embedding.table``, ``embedding.layout``,
+``embedding.placement`` and ``monolith_torch.core``.
 """
 
 from __future__ import annotations
@@ -18,10 +18,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from monolith_torch.core.ragged import RaggedTensor, as_ragged
-from monolith_torch.core.tensor_lists import foreach_scale_
 from monolith_torch.embedding.feature import (
     EmbeddingLayoutFactory,
     FeatureColumn,
@@ -31,11 +29,8 @@ from monolith_torch.embedding.feature import (
     FeatureSlotConfig,
     create_embedding_slices,
 )
-from monolith_torch.embedding.placement.sharded import (
-    select_owned,
-    sharded_apply_gradients,
-    sharded_lookup,
-)
+from monolith_torch.embedding.layout import HashTableLayout, build_layout
+from monolith_torch.embedding.placement import Placement, TableBatch, concat_or_empty, placement_for
 from monolith_torch.embedding.table import EmbeddingTable
 
 __all__ = ["HashTableFeatureFactory", "HashTableLayout"]
@@ -50,7 +45,7 @@ class _Looked:
     feature_name: str
     ids: torch.Tensor
     batch_no: int
-    rows: torch.Tensor
+    rows: torch.Tensor | None
     generation: int
 
 
@@ -81,23 +76,28 @@ class HashTableFeatureFactory(FeatureFactory):
         seed: seeds every table's per-id initializers.
         time_fn: seconds since the epoch (last-update times, expiry); injectable for tests.
         device: where the tables live.
-        process_group: the group replicas average over; None uses the default
-            group when ``torch.distributed`` is initialized with more than one
-            process, else updates are local.
+        process_group: the group replicas average over (or shards spread
+            over); None uses the default group.
         max_pending_lookups: how many recent ``lookup`` calls keep their leaves
             resolvable by ``apply_gradients`` (a step may apply a batch late).
         sharded: shard every table row-wise over the group instead of
             replicating it (explicit, never automatic: a sharded factory's
             ``lookup`` is a collective, so every rank must call it in step,
-            which a replicated one does not require). Without a group of more
-            than one process it behaves as a plain local factory.
+            which a replicated one does not require).
         exchange_timeout_s: seconds each sharded exchange may wait for its
             peers before raising ``ShardExchangeError``; None uses the process
             group's timeout.
 
+    The placement is chosen here, once: local without ``torch.distributed``
+    initialized or with one process in the group; replicas over the group
+    with more; row-wise shards with ``sharded``. Make the factory after
+    ``init_process_group``.
+
     Attributes:
-        global_step: apply_gradients calls so far; the learning-rate functions
-            of the slices see it.
+        global_step: a 0-d int64 tensor counting ``apply_gradients`` calls made
+            without a ``global_step``. The slices' learning-rate functions see
+            the ``global_step`` the step passes (``apply_gradients_with_var_optimizer``
+            passes its own), else this count: a run has one global step.
     """
 
     def __init__(
@@ -125,16 +125,19 @@ class HashTableFeatureFactory(FeatureFactory):
         self.seed = seed
         self._time_fn = time_fn
         self._device = device
-        self._process_group = process_group
         self._max_pending = max_pending_lookups
         self.sharded = sharded
-        self._exchange_timeout = exchange_timeout_s
-        self._checked_layout = None  # the slot layout last agreed on by all shard ranks
+        self._placement = placement_for(process_group, sharded, exchange_timeout_s)
         self._tables: dict[str, EmbeddingTable] = {}
         self._slots: dict[str, FeatureSlot] = {}
         self._looked: dict[int, _Looked] = {}
         self._batch_no = 0
-        self.global_step = 0
+        self.global_step = torch.zeros((), dtype=torch.int64)
+
+    @property
+    def placement(self) -> Placement:
+        """Where the rows live (``LocalPlacement``, ``ReplicatedPlacement`` or ``ShardedPlacement``)."""
+        return self._placement
 
     # -- slots -------------------------------------------------------------
 
@@ -215,21 +218,23 @@ class HashTableFeatureFactory(FeatureFactory):
         if missing:
             raise ValueError(f"Invalid features: missing ids for registered features {missing}")
         ragged = {name: _validate_ragged(name, features[name]) for name in sorted(features)}
+        self._placement.check_tables(list(self._tables.values()))
         self._batch_no += 1
         self._prune()
-        if self.shard_group() is not None:
-            return self._lookup_sharded(ragged, training)
-        out: dict[str, torch.Tensor] = {}
+        # One placement call for all tables, and per table all its features at
+        # once: the fixed cost of an index call or an exchange is paid once.
+        plan = []
         for table in self._tables.values():
             names = [n for n in table.feature_names if n in ragged]
-            if not names:
-                continue
-            # One index call per table, for all its features: the fixed cost
-            # of a call (a few hundred small tensor ops) is paid once.
-            values = [ragged[n].values.to(table.device, torch.int64) for n in names]
-            all_rows = table.lookup_rows(torch.cat(values), insert=training)
-            for name, ids, rows in zip(names, values, all_rows.split([v.numel() for v in values]), strict=True):
-                out.update(self._register_leaf(table, name, ragged[name], ids, table.gather(rows), rows))
+            if names:
+                plan.append((table, names, [ragged[n].values.to(table.device, torch.int64) for n in names]))
+        found = self._placement.lookup([p[0] for p in plan], [torch.cat(p[2]) for p in plan], training)
+        out: dict[str, torch.Tensor] = {}
+        for (table, names, ids), (values, rows) in zip(plan, found, strict=True):
+            sizes = [v.numel() for v in ids]
+            rows_per = rows.split(sizes) if rows is not None else [None] * len(names)
+            for name, t_ids, leaf, f_rows in zip(names, ids, values.split(sizes), rows_per, strict=True):
+                out.update(self._register_leaf(table, name, ragged[name], t_ids, leaf, f_rows))
         return out
 
     def _register_leaf(self, table, name: str, ragged_ids: RaggedTensor, ids, values, rows) -> dict:
@@ -243,40 +248,25 @@ class HashTableFeatureFactory(FeatureFactory):
         self._looked[id(leaf)] = _Looked(leaf, table, name, ids, self._batch_no, rows, table.generation)
         return slices
 
-    def _lookup_sharded(self, ragged: Mapping[str, RaggedTensor], training: bool) -> dict[str, torch.Tensor]:
-        self._check_same_slots()
-        plan = []
-        for table in self._tables.values():
-            names = [n for n in table.feature_names if n in ragged]
-            if names:
-                plan.append((table, names, [ragged[n].values.to(table.device, torch.int64) for n in names]))
-        values = sharded_lookup(
-            [p[0] for p in plan], [torch.cat(p[2]) for p in plan], training, self.shard_group(),
-            self._exchange_timeout,
-        )
-        out: dict[str, torch.Tensor] = {}
-        no_rows = torch.zeros(0, dtype=torch.int64)
-        for (table, names, ids), vals in zip(plan, values, strict=True):
-            for name, t_ids, leaf in zip(names, ids, vals.split([v.numel() for v in ids]), strict=True):
-                out.update(self._register_leaf(table, name, ragged[name], t_ids, leaf, no_rows))
-        return out
+    def track_rows(self, entries: Sequence[tuple[EmbeddingTable, torch.Tensor, torch.Tensor, torch.Tensor | None]]
+                   ) -> None:
+        """Makes tensors of rows that a caller looked up itself resolvable by ``apply_gradients``, as one lookup.
 
-    def _check_same_slots(self) -> None:
-        """Every rank must send the same tables in the same order: checked once per slot layout."""
-        layout = [(name, t.dim, t.feature_names) for name, t in self._tables.items()]
-        if layout == self._checked_layout:
-            return
-        group = self.shard_group()
-        layouts: list = [None] * dist.get_world_size(group)
-        dist.all_gather_object(layouts, layout, group=group)
-        differ = [r for r, other in enumerate(layouts) if other != layouts[0]]
-        if differ:
-            raise RuntimeError(
-                f"sharded tables: ranks {differ} registered other slots than rank 0 "
-                f"(rank 0: {layouts[0]}; rank {differ[0]}: {layouts[differ[0]]}); every rank must create "
-                "the same slots, features and slices in the same order"
-            )
-        self._checked_layout = layout
+        Each entry is (table, leaf [U, D], ids [U], rows [U] or None): the leaf
+        holds the rows of ``ids`` in ``table``, which ``lookup_unique_rows``
+        (or ``lookup_rows``) returned as ``rows``. ``apply_gradients`` then
+        takes (gradient, leaf) pairs as for ``lookup``'s leaves
+        (``HashEmbeddingBagCollection``'s fused path, under Monolith's step).
+        """
+        self._batch_no += 1
+        self._prune()
+        for table, leaf, ids, rows in entries:
+            self._looked[id(leaf)] = _Looked(leaf, table, f"{table.name}:unique_rows", ids, self._batch_no, rows,
+                                             table.generation)
+
+    def last_batch_leaves(self) -> list[torch.Tensor]:
+        """The per-feature leaves of the latest ``lookup``, in lookup order."""
+        return [lk.leaf for lk in self._looked.values() if lk.batch_no == self._batch_no]
 
     def _prune(self) -> None:
         oldest = self._batch_no - self._max_pending
@@ -310,7 +300,20 @@ class HashTableFeatureFactory(FeatureFactory):
             resolved.append((looked, grad))
         return resolved
 
-    def apply_gradients(self, grads_and_vars: Iterable[tuple[torch.Tensor, torch.Tensor]], scale=1) -> None:
+    def _table_batch(self, table: EmbeddingTable, pairs: list[tuple[_Looked, torch.Tensor]]) -> TableBatch:
+        ids = concat_or_empty([lk.ids for lk, _ in pairs], torch.zeros(0, dtype=torch.int64, device=table.device))
+        grads = concat_or_empty(
+            [g.detach().to(table.device, torch.float32) for _, g in pairs],
+            torch.zeros((0, table.dim), device=table.device),
+        )
+        ids = table.check_gradients(ids, grads)
+        # The looked-up rows can be reused unless an eviction or restore moved them since.
+        fresh = bool(pairs) and all(lk.rows is not None and lk.generation == table.generation for lk, _ in pairs)
+        rows = torch.cat([lk.rows for lk, _ in pairs]) if fresh else None
+        return TableBatch(table, ids, grads, rows, table.generation if fresh else None)
+
+    def apply_gradients(self, grads_and_vars: Iterable[tuple[torch.Tensor, torch.Tensor]], scale=1,
+                        global_step=None) -> None:
         """Updates the rows behind each looked-up leaf with ``scale * grad``.
 
         Gradients of repeated ids are summed; each id's row is updated once,
@@ -320,86 +323,40 @@ class HashTableFeatureFactory(FeatureFactory):
         the sum over ranks divided by the world size (clip, then average). Every
         rank must call this in the same order (it is a collective).
 
+        Args:
+            grads_and_vars: (gradient, looked-up leaf) pairs.
+            scale: a float or 0-d tensor multiplied into the summed gradients.
+            global_step: the step the slices' learning-rate functions see (an
+                int or one-element tensor); None uses and then increments
+                ``self.global_step``.
+
         Raises:
             TypeError, ValueError: unknown vars, grads of the wrong shape or
                 dtype. Checked before any row changes.
         """
         resolved = self._resolve(list(grads_and_vars))
-        per_table: dict[str, list[tuple[torch.Tensor, torch.Tensor, _Looked]]] = {}
+        per_table: dict[str, list[tuple[_Looked, torch.Tensor]]] = {}
         for looked, grad in resolved:
-            per_table.setdefault(looked.table.name, []).append((looked.ids, grad, looked))
-        step = self.global_step
-        shard_group = self.shard_group()
-        if shard_group is not None:
-            self._apply_sharded(per_table, scale, step, shard_group)
-            self.global_step += 1
-            return
-        group = self._replica_group()
-        checked = []
-        for name, table in self._tables.items():
-            pairs = per_table.get(name, [])
-            if group is None and not pairs:
-                continue
-            ids = torch.cat([p[0] for p in pairs]) if pairs else torch.zeros(0, dtype=torch.int64)
-            grads = (
-                torch.cat([p[1].detach().to(table.device, torch.float32) for p in pairs])
-                if pairs
-                else torch.zeros((0, table.dim))
-            )
-            checked.append((table, pairs, table.check_gradients(ids, grads), grads))
-        if group is None:
-            for table, pairs, ids, grads in checked:
-                # Reuse the looked-up rows unless an eviction or restore moved them.
-                fresh = all(p[2].generation == table.generation for p in pairs)
-                rows = torch.cat([p[2].rows for p in pairs]) if fresh else None
-                table.apply_gradients(ids, grads, scale, step, rows=rows, rows_generation=table.generation)
-        else:
-            # ``scale`` is this rank's own (a deferred clip factor from its own norm):
-            # fold it in before gathering, or each rank would apply its factor to
-            # every rank's gradients and the replicas would drift apart.
-            foreach_scale_([c[3] for c in checked], scale)
-            world = dist.get_world_size(group)
-            gathered = _all_gather_tables([c[2] for c in checked], [c[3] for c in checked], group)
-            for (table, _, _, _), (ids, grads) in zip(checked, gathered, strict=True):
-                table.apply_gradients(ids, grads.div_(world), 1.0, step, insert_missing=True)
-        self.global_step += 1
-
-    def _apply_sharded(self, per_table, scale, step: int, group) -> None:
-        # Every table takes part every step, with or without gradients, so the
-        # ranks' collectives line up (a rank may have no gradient for a table).
-        tables, ids, grads = [], [], []
-        for name, table in self._tables.items():
-            pairs = per_table.get(name, [])
-            t_ids = torch.cat([p[0] for p in pairs]) if pairs else torch.zeros(0, dtype=torch.int64, device=table.device)
-            t_grads = (
-                torch.cat([p[1].detach().to(table.device, torch.float32) for p in pairs])
-                if pairs
-                else torch.zeros((0, table.dim), device=table.device)
-            )
-            ids.append(table.check_gradients(t_ids, t_grads))
-            grads.append(t_grads)
-            tables.append(table)
-        sharded_apply_gradients(tables, ids, grads, scale, step, group, self._exchange_timeout)
-
-    def _group(self):
-        if not dist.is_available() or not dist.is_initialized():
-            return None
-        group = self._process_group if self._process_group is not None else dist.group.WORLD
-        return group if dist.get_world_size(group) > 1 else None
-
-    def _replica_group(self):
-        return None if self.sharded else self._group()
+            per_table.setdefault(looked.table.name, []).append((looked, grad))
+        # Collective placements take every table every step, so the ranks' exchanges line up.
+        batches = [
+            self._table_batch(table, per_table.get(name, []))
+            for name, table in self._tables.items()
+            if self._placement.collective or name in per_table
+        ]
+        own_step = global_step is None
+        step = int(self.global_step if own_step else global_step)
+        self._placement.apply_gradients(batches, scale, step)
+        if own_step:
+            self.global_step.add_(1)
 
     def shard_group(self):
         """The process group the tables are sharded over (None: not sharded, or one process)."""
-        return self._group() if self.sharded else None
+        return self._placement.group if self._placement.kind == "sharded" else None
 
     def shard_info(self) -> tuple[int, int] | None:
         """(rank, world size) when the tables are sharded over more than one process, else None."""
-        group = self.shard_group()
-        if group is None:
-            return None
-        return dist.get_rank(group), dist.get_world_size(group)
+        return self._placement.shard_info()
 
     # -- fused layout ------------------------------------------------------
 
@@ -430,46 +387,25 @@ class HashTableFeatureFactory(FeatureFactory):
         Create the slots with this factory's ``create_feature_slot`` (an
         ``EmbeddingLayoutFactory`` makes placeholder slots without tables).
         """
-        if not isinstance(layouts, Mapping) or not layouts:
-            raise ValueError(f"Invalid layouts: {layouts!r} (expected a non-empty mapping of name -> [(column, slice)])")
-        for lname, parts in layouts.items():
-            if not parts:
-                raise ValueError(f"Invalid layouts[{lname!r}]: empty")
-            for part in parts:
-                if not (isinstance(part, tuple | list) and len(part) == 2 and isinstance(part[0], FeatureColumn)
-                        and isinstance(part[1], FeatureSlice)):
-                    raise TypeError(f"layouts[{lname!r}] entries must be (FeatureColumn, FeatureSlice), got {part!r}")
-                if part[0].feature_slot.table not in self._tables.values():
-                    raise ValueError(f"layouts[{lname!r}]: column {part[0].feature_name!r} is not from this factory")
-        if layout_factory is not None and not isinstance(layout_factory.hash_table, HashTableLayout):
-            raise TypeError("layout_factory must be one returned by lookup_layout")
-        self.lookup(features, training)
-        combined = {}
-        for lname in sorted(layouts):
-            parts = [fc.embedding_lookup(s) for fc, s in layouts[lname]]
-            combined[lname] = torch.cat(parts, dim=-1)
-        batch_leaves = [lk.leaf for lk in self._looked.values() if lk.batch_no == self._batch_no]
-        binding = HashTableLayout(self, combined, batch_leaves)
-        embeddings = {name: binding.leaves[name] for name in combined}
-        if layout_factory is None:
-            return EmbeddingLayoutFactory(binding, embeddings)
-        layout_factory.hash_table = binding
-        layout_factory.layout_embeddings = embeddings
-        return layout_factory
+        return build_layout(self, features, layouts, training, layout_factory)
 
     # -- expiry and state --------------------------------------------------
 
     def evict_expired(self, now: float | None = None) -> dict[str, int]:
-        """Runs ``evict_expired`` on every table; returns rows removed per slot."""
-        return {name: t.evict_expired(now) for name, t in self._tables.items()}
+        """Removes expired rows from every table; returns rows removed per slot.
+
+        ``now`` defaults to ``time_fn()``. Replicated tables: a collective, at
+        rank 0's ``now``, so every replica drops the same rows.
+        """
+        return self._placement.evict_expired(self._tables, self._time_fn() if now is None else now)
 
     def state_dict(self) -> dict:
-        """Seed, global step and every table's rows; sharded: this rank's rows and ``"shard"`` (rank, world)."""
-        state = {
-            "seed": self.seed,
-            "global_step": self.global_step,
-            "tables": {name: t.state_dict() for name, t in self._tables.items()},
-        }
+        """Seed and every table's rows; sharded: this rank's rows and ``"shard"`` (rank, world).
+
+        The global step is not part of it: checkpoints save the run's one
+        global step once (``save_checkpoint(global_step=...)``).
+        """
+        state = {"seed": self.seed, "tables": {name: t.state_dict() for name, t in self._tables.items()}}
         info = self.shard_info()
         if info is not None:
             state["shard"] = {"rank": info[0], "world": info[1]}
@@ -477,7 +413,7 @@ class HashTableFeatureFactory(FeatureFactory):
 
     def check_state_dict(self, state: Mapping) -> None:
         """Raises if ``state`` does not match this factory's slots; changes nothing."""
-        if not isinstance(state, Mapping) or "tables" not in state:
+        if not isinstance(state, Mapping) or not isinstance(state.get("tables"), Mapping):
             raise ValueError("factory state must be a mapping with 'tables'")
         if set(state["tables"]) != set(self._tables):
             raise ValueError(
@@ -491,109 +427,10 @@ class HashTableFeatureFactory(FeatureFactory):
 
         Sharded: keeps only the rows this rank owns, so ``state`` may hold any
         superset of them (e.g. all shards of a checkpoint written by another
-        number of ranks, merged).
+        number of ranks, merged). A ``global_step`` in ``state`` (checkpoints
+        written before the step had one home) is ignored.
         """
         self.check_state_dict(state)
-        info = self.shard_info()
         for name, table in self._tables.items():
-            t_state = state["tables"][name]
-            table.load_state_dict(t_state if info is None else select_owned(t_state, *info))
-        self.global_step = int(state.get("global_step", 0))
+            table.load_state_dict(self._placement.owned_state(state["tables"][name]))
         self._looked.clear()
-
-
-class HashTableLayout:
-    """The ``LayoutTable`` of a fused-layout batch: routes layout gradients to rows.
-
-    Holds the combined layout tensors (still attached to the per-feature
-    leaves) and hands out detached leaf copies; ``apply_layout_gradients``
-    backpropagates layout gradients to the per-feature leaves and passes them
-    to ``HashTableFeatureFactory.apply_gradients``.
-    """
-
-    def __init__(
-        self, factory: HashTableFeatureFactory, combined: Mapping[str, torch.Tensor], feature_leaves: list[torch.Tensor]
-    ):
-        self.factory = factory
-        self._feature_leaves = list(feature_leaves)
-        self._combined = dict(combined)
-        self.leaves = {name: t.detach().requires_grad_(True) for name, t in self._combined.items()}
-        self._applied = False
-
-    def flatten_layout(self, layout_embeddings: Mapping[str, object]) -> list[torch.Tensor]:
-        """The layout tensors in sorted-name order (lists flattened in place)."""
-        out = []
-        for name in sorted(layout_embeddings):
-            value = layout_embeddings[name]
-            out.extend(value if isinstance(value, list | tuple) else [value])
-        return out
-
-    def apply_layout_gradients(self, grads_and_vars, scale=1) -> None:
-        """Applies layout gradients (``None`` as zeros) to the rows behind them.
-
-        Raises:
-            ValueError: an unknown var, a grad of the wrong shape.
-            RuntimeError: this batch's gradients were applied already.
-        """
-        by_id = {id(leaf): name for name, leaf in self.leaves.items()}
-        outputs, grad_outputs = [], []
-        for i, (grad, var) in enumerate(grads_and_vars):
-            name = by_id.get(id(var))
-            if name is None or self.leaves[name] is not var:
-                raise ValueError(f"grads_and_vars[{i}]: var of shape {tuple(var.shape)} is not a layout of this batch")
-            if grad is not None and grad.shape != var.shape:
-                raise ValueError(
-                    f"grads_and_vars[{i}]: grad shape {tuple(grad.shape)} does not match layout {name!r} "
-                    f"shape {tuple(var.shape)}"
-                )
-            outputs.append(self._combined[name])
-            grad_outputs.append(torch.zeros_like(var) if grad is None else grad.detach())
-        if self._applied:
-            raise RuntimeError("the gradients of this layout batch were applied already; look up a new batch")
-        leaves = self._feature_leaves
-        pairs = []
-        if outputs:
-            grads = torch.autograd.grad(outputs, leaves, grad_outputs, allow_unused=True)
-            pairs = [(g, leaf) for g, leaf in zip(grads, leaves, strict=True) if g is not None]
-        self._applied = True
-        # Called even with nothing to apply: replicated and sharded tables update collectively.
-        self.factory.apply_gradients(pairs, scale)
-
-
-def _all_gather_tables(ids_list, grads_list, group) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """All ranks' (ids [n_r], grads [n_r, D]) of every table, concatenated in rank order.
-
-    Three collectives for all tables together (block sizes, ids, gradient
-    values), not three per table.
-    """
-    world = dist.get_world_size(group)
-    dims = [g.shape[1] for g in grads_list]
-    counts = torch.tensor([i.numel() for i in ids_list], dtype=torch.int64)
-    gathered_counts = [torch.zeros_like(counts) for _ in range(world)]
-    dist.all_gather(gathered_counts, counts, group=group)
-    per_rank = torch.stack(gathered_counts).tolist()  # [world][tables]
-    n_ids = max(sum(row) for row in per_rank)
-    n_vals = max(sum(c * d for c, d in zip(row, dims, strict=True)) for row in per_rank)
-    pad_ids = torch.zeros(n_ids, dtype=torch.int64)
-    own_ids = torch.cat([i.cpu() for i in ids_list]) if ids_list else pad_ids[:0]
-    pad_ids[: own_ids.numel()] = own_ids
-    pad_vals = torch.zeros(n_vals, dtype=torch.float32)
-    own_vals = torch.cat([g.reshape(-1).cpu() for g in grads_list]) if grads_list else pad_vals[:0]
-    pad_vals[: own_vals.numel()] = own_vals
-    all_ids = [torch.zeros_like(pad_ids) for _ in range(world)]
-    all_vals = [torch.zeros_like(pad_vals) for _ in range(world)]
-    dist.all_gather(all_ids, pad_ids, group=group)
-    dist.all_gather(all_vals, pad_vals, group=group)
-    out_ids: list[list[torch.Tensor]] = [[] for _ in ids_list]
-    out_grads: list[list[torch.Tensor]] = [[] for _ in ids_list]
-    for rank_ids, rank_vals, row in zip(all_ids, all_vals, per_rank, strict=True):
-        id_at = val_at = 0
-        for t, (c, d) in enumerate(zip(row, dims, strict=True)):
-            out_ids[t].append(rank_ids[id_at : id_at + c])
-            out_grads[t].append(rank_vals[val_at : val_at + c * d].view(c, d))
-            id_at, val_at = id_at + c, val_at + c * d
-    return [
-        (torch.cat(i).to(ids_list[t].device), torch.cat(g).to(grads_list[t].device))
-        for t, (i, g) in enumerate(zip(out_ids, out_grads, strict=True))
-    ]
-

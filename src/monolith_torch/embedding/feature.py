@@ -279,8 +279,12 @@ class FeatureFactory(abc.ABC):
     def create_feature_slot(self, config: FeatureSlotConfig) -> FeatureSlot:
         """Creates a slot (and its table) from ``config``."""
 
-    def apply_gradients(self, grads_and_vars: GradsAndVars, scale=1) -> None:
-        """Applies ``scale * grad`` to the rows behind each ``get_all_embeddings_concat()`` var."""
+    def apply_gradients(self, grads_and_vars: GradsAndVars, scale=1, global_step=None) -> None:
+        """Applies ``scale * grad`` to the rows behind each ``get_all_embeddings_concat()`` var.
+
+        ``global_step`` (the run's step, if the caller has one) is what the
+        slices' learning-rate functions see.
+        """
         raise NotImplementedError(f"{type(self).__name__} does not apply embedding gradients")
 
 
@@ -370,7 +374,7 @@ class FeatureFactoryFromEmbeddings(FeatureFactory):
         table = _EmbeddingFeatureEmbTable(self._name_to_embeddings, self._name_to_embedding_slices)
         return FeatureSlot(table, config)
 
-    def apply_gradients(self, grads_and_vars: GradsAndVars, scale=1) -> None:
+    def apply_gradients(self, grads_and_vars: GradsAndVars, scale=1, global_step=None) -> None:
         if self._apply_fn is None:
             return super().apply_gradients(grads_and_vars, scale)
         self._apply_fn(list(grads_and_vars), scale)
@@ -381,7 +385,8 @@ class LayoutTable(Protocol):
 
     def flatten_layout(self, layout_embeddings: Mapping[str, object]) -> list[torch.Tensor]: ...
 
-    def apply_layout_gradients(self, grads_and_vars: list[tuple[torch.Tensor, torch.Tensor]], scale=1) -> None: ...
+    def apply_layout_gradients(self, grads_and_vars: list[tuple[torch.Tensor, torch.Tensor]], scale=1,
+                               **kwargs) -> None: ...
 
 
 class _LayoutFakeTable(FeatureEmbTable):
@@ -409,8 +414,11 @@ class EmbeddingLayoutFactory:
     def create_feature_slot(self, config: FeatureSlotConfig) -> FeatureSlot:
         return FeatureSlot(_LayoutFakeTable(), config)
 
-    def apply_gradients(self, grads_and_vars: GradsAndVars, scale=1) -> None:
-        self.hash_table.apply_layout_gradients(list(grads_and_vars), scale)
+    def apply_gradients(self, grads_and_vars: GradsAndVars, scale=1, global_step=None) -> None:
+        # Only stores that schedule learning rates take the step (a user's LayoutTable may not).
+        takes_step = global_step is not None and getattr(self.hash_table, "takes_global_step", False)
+        extra = {"global_step": global_step} if takes_step else {}
+        self.hash_table.apply_layout_gradients(list(grads_and_vars), scale, **extra)
 
     def get_layout(self, layout: str):
         if layout not in self.layout_embeddings:

@@ -8,150 +8,34 @@ each slice has its own optimizer and state; rows not updated for
 ``expire_time`` days are removed by ``evict_expired``.
 
 All storage is a few dense tensors indexed by row (values [R, D], optimizer
-state [R, d] per slice, last-update time [R], occurrence count [R]) plus a
-``HashIndex`` from id to row; there are no per-id Python objects and no
-Python loops over ids.
+state [R, d] per slice, last-update time [R], occurrence count [R]), kept
+under their ``table_state`` field names, plus a ``HashIndex`` from id to
+row; there are no per-id Python objects and no Python loops over ids.
+
+This module is the storage: growth, the occurrence filter, expiry and
+compaction, state. The update rules live in ``optimizers``, the initial
+values in ``initializers``, the state layout in ``table_state``. May import
+``monolith_torch.core`` and those ``embedding`` modules, ``entry``,
+``feature`` and ``hash_index``.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from monolith_torch.core.hashing import COLUMN_MUL, SPLITMIX_GAMMA, signed64, splitmix64, srl
 from monolith_torch.core.tensor_lists import foreach_scale_
-from monolith_torch.embedding import entry
+from monolith_torch.embedding import entry, initializers, optimizers
+from monolith_torch.embedding import table_state as ts
 from monolith_torch.embedding.feature import DEFAULT_EXPIRE_TIME, FeatureEmbTable, slice_key
 from monolith_torch.embedding.hash_index import HashIndex
 
-__all__ = ["EmbeddingTable", "initial_values", "learning_rate_at"]
+__all__ = ["EmbeddingTable"]
 
 _SECONDS_PER_DAY = 86400
-_SM_GAMMA = signed64(SPLITMIX_GAMMA)
-_COL_MUL = signed64(COLUMN_MUL)
-
-
-def _stream_seed(seed: int, slot_id: int) -> int:
-    x = torch.tensor([signed64(seed * SPLITMIX_GAMMA + slot_id * 0xC2B2AE3D27D4EB4F + 1)])
-    return int(splitmix64(x)[0])
-
-
-def _cpu_kernels():
-    # As HashIndex: numba is imported on first use, by processes with CPU tables.
-    from monolith_torch.embedding import kernels
-
-    return kernels
-
-
-_INITIALIZERS = (entry.ZerosInitializer, entry.ConstantsInitializer, entry.RandomUniformInitializer)
-
-
-def _check_initializer(initializer: entry.Initializer) -> None:
-    if not isinstance(initializer, _INITIALIZERS):
-        raise TypeError(f"unsupported initializer {type(initializer).__name__}")
-
-
-def _initial_values_torch(
-    initializer: entry.Initializer, ids: torch.Tensor, columns: torch.Tensor, stream: int
-) -> torch.Tensor:
-    """The torch implementation of ``initial_values`` (used on CUDA; tests run it on CPU too)."""
-    _check_initializer(initializer)
-    n, d = ids.numel(), columns.numel()
-    if isinstance(initializer, entry.ZerosInitializer):
-        return torch.zeros((n, d), dtype=torch.float32, device=ids.device)
-    if isinstance(initializer, entry.ConstantsInitializer):
-        return torch.full((n, d), float(initializer.constant), dtype=torch.float32, device=ids.device)
-    lo, hi = initializer.bounds()
-    x = ids.long()[:, None] * _SM_GAMMA + (columns.long()[None, :] + 1) * _COL_MUL + stream
-    bits = srl(splitmix64(x), 40)  # top 24 bits: exact in float32
-    u = bits.to(torch.float32) * (1.0 / (1 << 24))
-    return (lo + (hi - lo) * u).to(torch.float32)
-
-
-def _write_initial_values(
-    initializer: entry.Initializer, ids: torch.Tensor, columns: torch.Tensor, stream: int, out: torch.Tensor, kernels
-) -> None:
-    """Writes the initial values of ``ids`` [U] in ``columns`` [d] into ``out`` [U, d] float32, in place.
-
-    ``out`` may be a strided block of a table's values, so no [U, d]
-    temporary is made on CPU. ``kernels``: the compiled CPU kernels, or None
-    for the torch implementation.
-    """
-    _check_initializer(initializer)
-    if isinstance(initializer, entry.ZerosInitializer):
-        out.zero_()
-    elif isinstance(initializer, entry.ConstantsInitializer):
-        out.fill_(float(initializer.constant))
-    elif kernels is not None:
-        lo, hi = initializer.bounds()
-        # The same float32 rounding of the bounds as the torch ops (see fill_uniform).
-        kernels.fill_uniform(
-            ids.contiguous().numpy(), columns.contiguous().numpy(), stream, float(lo), float(hi - lo), out.numpy()
-        )
-    else:
-        out.copy_(_initial_values_torch(initializer, ids, columns, stream))
-
-
-def initial_values(
-    initializer: entry.Initializer, ids: torch.Tensor, columns: torch.Tensor, stream: int
-) -> torch.Tensor:
-    """Initial values [U, d] of ``ids`` [U] in row columns ``columns`` [d].
-
-    A counter-based generator: the value of (stream, id, column) is a hash of
-    those three numbers, so an id gets the same initial row whatever batch,
-    order, process or device first sees it. One implementation per device
-    type, as ``HashIndex``: a compiled kernel for CPU ids (one call in place of
-    ~25 small torch ops, whose dispatch cost dominated), torch ops elsewhere
-    (CUDA); both give the same bits.
-
-    Raises:
-        TypeError: an unsupported initializer.
-    """
-    if ids.device.type != "cpu":
-        return _initial_values_torch(initializer, ids, columns, stream)
-    out = torch.empty((ids.numel(), columns.numel()), dtype=torch.float32)
-    _write_initial_values(initializer, ids.long(), columns.long(), stream, out, _cpu_kernels())
-    return out
-
-
-def learning_rate_at(optimizer: entry.Optimizer, learning_rate_fn, global_step: int) -> float:
-    """The learning rate of a slice at ``global_step``.
-
-    ``learning_rate_fn`` (a float, or a function of the global step) overrides
-    the optimizer's ``learning_rate``; ``warmup_steps`` then scales it linearly
-    from 0 (Monolith's polynomial warmup with power 1).
-    """
-    if callable(learning_rate_fn):
-        lr = float(learning_rate_fn(global_step))
-    elif learning_rate_fn is not None:
-        lr = float(learning_rate_fn)
-    else:
-        lr = optimizer.effective_learning_rate()
-    if optimizer.warmup_steps:
-        lr *= min(global_step, optimizer.warmup_steps) / optimizer.warmup_steps
-    return lr
-
-
-def _state_names(optimizer: entry.Optimizer) -> tuple[str, ...]:
-    if isinstance(optimizer, entry.SgdOptimizer):
-        return ()
-    if isinstance(optimizer, entry.AdagradOptimizer):
-        return ("accumulator",)
-    if isinstance(optimizer, entry.FtrlOptimizer):
-        return ("n", "z")
-    if isinstance(optimizer, entry.AdamOptimizer):
-        return ("m", "v", "steps")
-    raise TypeError(f"unsupported optimizer {type(optimizer).__name__}")
-
-
-def _initial_state(optimizer: entry.Optimizer, name: str) -> float:
-    if name in ("accumulator", "n"):
-        return float(optimizer.initial_accumulator_value or 0.0)
-    return 0.0
 
 
 @dataclass(frozen=True)
@@ -160,51 +44,8 @@ class _Slice:
     end: int
     segment: entry.Segment
     learning_rate_fn: object
-
-    @property
-    def optimizer(self) -> entry.Optimizer:
-        return self.segment.optimizer
-
-
-def _update_slice(opt: entry.Optimizer, lr: float, w: torch.Tensor, g: torch.Tensor, state: dict) -> torch.Tensor:
-    """One optimizer step on gathered rows: ``w`` [U, d], summed grads ``g`` [U, d].
-
-    ``state`` maps name -> gathered [U, d] tensors, updated in place.
-    Returns the new ``w``.
-    """
-    if isinstance(opt, entry.SgdOptimizer):
-        return w - lr * g
-    if isinstance(opt, entry.AdagradOptimizer):
-        if opt.weight_decay_factor:
-            g = g + opt.weight_decay_factor * w
-        acc = state["accumulator"]
-        acc.add_(g * g)
-        # No epsilon, as Monolith's kernel: acc starts at initial_accumulator_value.
-        return w - lr * g / acc.sqrt()
-    if isinstance(opt, entry.FtrlOptimizer):
-        n, z = state["n"], state["z"]
-        l1 = float(opt.l1_regularization or 0.0)
-        l2 = float(opt.l2_regularization or 0.0)
-        beta = float(opt.beta or 0.0)
-        if lr <= 0:  # warmup step 0: sigma would divide by zero; FTRL leaves the row as is
-            return w
-        n_new = n + g * g
-        sigma = (n_new.sqrt() - n.sqrt()) / lr
-        z.add_(g - sigma * w)
-        n.copy_(n_new)
-        w_new = lr * (torch.sign(z) * l1 - z) / (n.sqrt() + beta + l2 * lr)
-        return torch.where(z.abs() > l1, w_new, torch.zeros_like(w_new))
-    if isinstance(opt, entry.AdamOptimizer):
-        if opt.weight_decay_factor:
-            g = g + opt.weight_decay_factor * w
-        m, v, steps = state["m"], state["v"], state["steps"]
-        steps.add_(1.0)
-        m.mul_(opt.beta1).add_((1 - opt.beta1) * g)
-        v.mul_(opt.beta2).add_((1 - opt.beta2) * g * g)
-        m_hat = m / (1 - torch.pow(opt.beta1, steps))
-        v_hat = v / (1 - torch.pow(opt.beta2, steps))
-        return w - lr * m_hat / (v_hat.sqrt() + opt.epsilon)
-    raise TypeError(f"unsupported optimizer {type(opt).__name__}")
+    rule: optimizers.SliceOptimizer
+    state_fields: Mapping[str, str]  # state name -> table_state field
 
 
 def _grow(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -260,20 +101,18 @@ class EmbeddingTable(FeatureEmbTable):
         self.expire_time = expire_time
         self._time_fn = time_fn
         self._device = torch.device(device) if device is not None else torch.device("cpu")
-        self._stream = _stream_seed(self.seed, self.slot_id)
+        self._stream = initializers.stream_seed(self.seed, self.slot_id)
         # One initializer implementation per device type, as the index.
-        self._init_kernels = _cpu_kernels() if self._device.type == "cpu" else None
+        self._init_kernels = initializers.kernels_for(self._device)
         self._slices: list[_Slice] = []
         self._dim = 0
         self._index = HashIndex(expected_rows, device=self._device)
-        self._values = torch.zeros((0, 0), dtype=torch.float32, device=self._device)
-        self._states: list[dict[str, torch.Tensor]] = []
-        self._times = torch.zeros(0, dtype=torch.int64, device=self._device)
-        self._counts = torch.zeros(0, dtype=torch.int64, device=self._device)
+        # Row fields but the keys (values, times, counts, optimizer state), by table_state name.
+        self._rows = {ts.VALUES: torch.zeros((0, 0), dtype=torch.float32, device=self._device)}
+        self._rows.update({k: torch.zeros(0, dtype=torch.int64, device=self._device) for k in (ts.TIMES, ts.COUNTS)})
         # Ids seen fewer than occurrence_threshold times: their counts and last-seen times.
         self._cand_index = HashIndex(device=self._device)
-        self._cand_counts = torch.zeros(0, dtype=torch.int64, device=self._device)
-        self._cand_times = torch.zeros(0, dtype=torch.int64, device=self._device)
+        self._cands = {k: torch.zeros(0, dtype=torch.int64, device=self._device) for k in (ts.CAND_COUNTS, ts.CAND_TIMES)}
         self._feature_combiners: dict[str, object] = {}
         self._current: dict[str, tuple[torch.Tensor, Mapping[str, torch.Tensor]]] = {}
         # Bumped whenever rows move (eviction, restore), so cached rows go stale.
@@ -286,29 +125,24 @@ class EmbeddingTable(FeatureEmbTable):
 
         Raises:
             RuntimeError: the table already holds rows.
-            TypeError: an unsupported initializer or optimizer.
-            ValueError: Adam options this store does not implement.
+            TypeError: an unsupported initializer or optimizer (see ``optimizers.slice_optimizer_for``).
+            ValueError: optimizer options its slice optimizer does not implement; a bad ``learning_rate_fn``.
         """
         if len(self._index):
             raise RuntimeError(f"table {self.name!r} already holds rows; add slices before the first lookup")
         if not isinstance(segment, entry.Segment):
             raise TypeError(f"segment must be an entry.Segment, got {type(segment).__name__}")
-        names = _state_names(segment.optimizer)
-        _check_initializer(segment.initializer)
-        opt = segment.optimizer
-        if isinstance(opt, entry.AdamOptimizer) and (opt.use_beta1_warmup or opt.use_nesterov):
-            raise ValueError("AdamOptimizer: use_beta1_warmup and use_nesterov are not supported by this store")
-        if learning_rate_fn is not None and not callable(learning_rate_fn):
-            lr = float(learning_rate_fn)
-            if not math.isfinite(lr) or lr <= 0:
-                raise ValueError(f"Invalid learning_rate_fn: {learning_rate_fn!r} (expected a float > 0 or a callable)")
+        rule = optimizers.slice_optimizer_for(segment.optimizer)
+        initializers.check_initializer(segment.initializer)
+        optimizers.check_learning_rate_fn(learning_rate_fn)
         d = segment.dim_size
-        self._slices.append(_Slice(self._dim, self._dim + d, segment, learning_rate_fn))
+        fields = {n: ts.state_field(len(self._slices), n) for n in rule.state_names}
+        self._slices.append(_Slice(self._dim, self._dim + d, segment, learning_rate_fn, rule, fields))
         self._dim += d
         # Capacity >= 1 so gathering row 0 for absent ids (masked to zero) always works.
-        cap = max(16, self._values.shape[0])
-        self._values = torch.zeros((cap, self._dim), dtype=torch.float32, device=self._device)
-        self._states.append({n: torch.zeros((cap, d), dtype=torch.float32, device=self._device) for n in names})
+        cap = max(16, self._rows[ts.VALUES].shape[0])
+        self._rows[ts.VALUES] = torch.zeros((cap, self._dim), dtype=torch.float32, device=self._device)
+        self._rows.update({f: torch.zeros((cap, d), dtype=torch.float32, device=self._device) for f in fields.values()})
 
     def set_feature_metadata(self, feature_name: str, combiner) -> None:
         self._feature_combiners[feature_name] = combiner
@@ -355,13 +189,13 @@ class EmbeddingTable(FeatureEmbTable):
 
     def nbytes(self) -> dict[str, int]:
         """Bytes used per part (allocated capacity, including growth slack)."""
-        states = sum(t.numel() * t.element_size() for s in self._states for t in s.values())
+        rows = self._rows
         return {
-            "values": self._values.numel() * 4,
-            "optimizer_state": states,
-            "times_counts": self._times.numel() * 8 + self._counts.numel() * 8,
+            "values": rows[ts.VALUES].numel() * 4,
+            "optimizer_state": sum(t.numel() * t.element_size() for k, t in rows.items() if ts.is_state_field(k)),
+            "times_counts": rows[ts.TIMES].numel() * 8 + rows[ts.COUNTS].numel() * 8,
             "index": self._index.nbytes(),
-            "filter": self._cand_index.nbytes() + self._cand_counts.numel() * 16,
+            "filter": self._cand_index.nbytes() + self._cands[ts.CAND_COUNTS].numel() * 16,
         }
 
     def _now(self) -> int:
@@ -389,35 +223,77 @@ class EmbeddingTable(FeatureEmbTable):
         else:
             rows = self._admit(ids, now)
             present = rows[rows >= 0]
-        self._counts.index_add_(0, present, torch.ones_like(present))
+        self._rows[ts.COUNTS].index_add_(0, present, torch.ones_like(present))
         return rows
 
-    def _admit(self, ids: torch.Tensor, now: int) -> torch.Tensor:
+    def _admit(self, ids: torch.Tensor, now: int, occurrences: torch.Tensor | None = None) -> torch.Tensor:
+        # ``occurrences`` [N]: how many times each of ``ids`` was seen (None: once each).
         rows = self._index.lookup(ids)
         miss = (rows < 0).nonzero().squeeze(1)
         if miss.numel() == 0:
             return rows
         cand = ids[miss]
         crow, _ = self._cand_index.insert(cand)
-        self._cand_counts = _grow(self._cand_counts, self._cand_index.num_rows)
-        self._cand_times = _grow(self._cand_times, self._cand_index.num_rows)
-        self._cand_counts.index_add_(0, crow, torch.ones_like(crow))
-        self._cand_times[crow] = now
-        ready = self._cand_counts[crow] >= self.occurrence_threshold
+        self._cands = {k: _grow(t, self._cand_index.num_rows) for k, t in self._cands.items()}
+        counts = self._cands[ts.CAND_COUNTS]
+        seen_now = torch.ones_like(crow) if occurrences is None else occurrences[miss]
+        counts.index_add_(0, crow, seen_now)
+        self._cands[ts.CAND_TIMES][crow] = now
+        ready = counts[crow] >= self.occurrence_threshold
         admitted = torch.unique(cand[ready])
         if admitted.numel() == 0:
             return rows
         # This batch's occurrences are counted again by the caller once they have rows.
-        seen = self._cand_counts[self._cand_index.lookup(admitted)]
+        seen = counts[self._cand_index.lookup(admitted)]
         batch = torch.zeros_like(seen).index_add_(
-            0, torch.searchsorted(admitted, cand[ready]), torch.ones_like(cand[ready])
+            0, torch.searchsorted(admitted, cand[ready]), seen_now[ready]
         )
         self._cand_index.remove(admitted)
         new_rows, new_keys = self._index.insert(admitted)
         self._init_rows(new_keys, now)
-        self._counts[new_rows] = seen - batch
+        self._rows[ts.COUNTS][new_rows] = seen - batch
         rows[miss] = self._index.lookup(cand)
         return rows
+
+    def lookup_unique_rows(self, ids: torch.Tensor, occurrences: torch.Tensor, insert: bool = True) -> torch.Tensor:
+        """``lookup_rows`` of a batch given as its distinct ``ids`` [U] and their ``occurrences`` [U] (int64).
+
+        The same rows, counts, filter state and row numbering as
+        ``lookup_rows`` on the batch with every duplicate, for one index probe
+        per distinct id (``HashEmbeddingBagCollection``'s fused path).
+        """
+        if not self._slices:
+            raise RuntimeError(f"table {self.name!r} has no slices; call add_feature_slice first")
+        ids = self._check_ids(ids)
+        if not insert:
+            return self._index.lookup(ids)
+        now = self._now()
+        if self.occurrence_threshold <= 1:
+            rows, new_keys = self._index.insert(ids)
+            self._init_rows(new_keys, now)
+            self._rows[ts.COUNTS].index_add_(0, rows, occurrences)
+            return rows
+        rows = self._admit(ids, now, occurrences)
+        present = (rows >= 0).nonzero().squeeze(1)
+        self._rows[ts.COUNTS].index_add_(0, rows[present], occurrences[present])
+        return rows
+
+    def row_storage(self) -> dict[str, torch.Tensor]:
+        """The row tensors (``values`` [C, D], ``times``, ``counts``, ``state.{i}.{name}`` [C, d]), not copies.
+
+        For compiled kernels that update rows in place (the fused path). C is
+        the capacity (>= ``num_rows``); a growth, eviction or restore replaces
+        them, so fetch them again after each lookup.
+        """
+        return dict(self._rows)
+
+    def slice_layout(self) -> list[tuple[int, int, optimizers.SliceOptimizer, object, dict[str, str]]]:
+        """Per slice: (start, end, slice optimizer, learning_rate_fn, state name -> ``row_storage`` key)."""
+        return [(sl.start, sl.end, sl.rule, sl.learning_rate_fn, dict(sl.state_fields)) for sl in self._slices]
+
+    def now(self) -> int:
+        """The table clock (``time_fn()``, whole seconds): what updates write into ``times``."""
+        return self._now()
 
     def _init_rows(self, new_keys: torch.Tensor, now: int) -> None:
         n_new = new_keys.numel()
@@ -425,27 +301,24 @@ class EmbeddingTable(FeatureEmbTable):
             return
         total = self._index.num_rows
         start = total - n_new
-        self._values = _grow(self._values, total)
-        self._times = _grow(self._times, total)
-        self._counts = _grow(self._counts, total)
-        for i, sl in enumerate(self._slices):
+        rows = self._rows = {k: _grow(t, total) for k, t in self._rows.items()}
+        for sl in self._slices:
             cols = torch.arange(sl.start, sl.end, device=self._device)
-            _write_initial_values(
+            initializers.write_initial_values(
                 sl.segment.initializer, new_keys, cols, self._stream,
-                self._values[start:total, sl.start:sl.end], self._init_kernels,
+                rows[ts.VALUES][start:total, sl.start:sl.end], self._init_kernels,
             )
-            for name, t in self._states[i].items():
-                t = _grow(t, total)
-                t[start:total] = _initial_state(sl.optimizer, name)
-                self._states[i][name] = t
-        self._times[start:total] = now
-        self._counts[start:total] = 0
+            for name, field in sl.state_fields.items():
+                rows[field][start:total] = sl.rule.initial_state(name)
+        rows[ts.TIMES][start:total] = now
+        rows[ts.COUNTS][start:total] = 0
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
         """Values [N, D] of ``rows`` [N]; zeros where a row is -1. A copy."""
+        values = self._rows[ts.VALUES]
         if rows.numel() == 0 or int(rows.min()) >= 0:  # the common case: every id has a row
-            return self._values.index_select(0, rows)
-        out = self._values.index_select(0, rows.clamp_min(0))
+            return values.index_select(0, rows)
+        out = values.index_select(0, rows.clamp_min(0))
         return out.masked_fill_((rows < 0)[:, None], 0.0)
 
     def lookup(self, ids: torch.Tensor, insert: bool = True) -> torch.Tensor:
@@ -526,17 +399,16 @@ class EmbeddingTable(FeatureEmbTable):
         gsum = torch.zeros((urows.numel(), self._dim), dtype=torch.float32, device=self._device)
         gsum.index_add_(0, inverse, grads)
         foreach_scale_([gsum], scale)
-        w = self._values.index_select(0, urows)
-        for i, sl in enumerate(self._slices):
-            lr = learning_rate_at(sl.optimizer, sl.learning_rate_fn, global_step)
-            state = {n: t.index_select(0, urows) for n, t in self._states[i].items()}
-            w[:, sl.start:sl.end] = _update_slice(
-                sl.optimizer, lr, w[:, sl.start:sl.end], gsum[:, sl.start:sl.end], state
-            )
+        store = self._rows
+        w = store[ts.VALUES].index_select(0, urows)
+        for sl in self._slices:
+            lr = optimizers.learning_rate_at(sl.rule.config, sl.learning_rate_fn, global_step)
+            state = {n: store[f].index_select(0, urows) for n, f in sl.state_fields.items()}
+            w[:, sl.start:sl.end] = sl.rule.update(w[:, sl.start:sl.end], gsum[:, sl.start:sl.end], state, lr)
             for n, t in state.items():
-                self._states[i][n].index_copy_(0, urows, t)
-        self._values.index_copy_(0, urows, w)
-        self._times.index_fill_(0, urows, now)
+                store[sl.state_fields[n]].index_copy_(0, urows, t)
+        store[ts.VALUES].index_copy_(0, urows, w)
+        store[ts.TIMES].index_fill_(0, urows, now)
         return urows.numel()
 
     # -- expiry ------------------------------------------------------------
@@ -552,90 +424,53 @@ class EmbeddingTable(FeatureEmbTable):
         now = self._now() if now is None else int(now)
         cutoff = now - int(self.expire_time * _SECONDS_PER_DAY)
         keys, rows = self._index.items()
-        keep = (self._times[rows] >= cutoff).nonzero().squeeze(1)
+        keep = (self._rows[ts.TIMES][rows] >= cutoff).nonzero().squeeze(1)
         removed = keys.numel() - keep.numel()
         if removed:
             kept_rows = rows[keep]
-            self._values = self._values[kept_rows]
-            self._times = self._times[kept_rows]
-            self._counts = self._counts[kept_rows]
-            self._states = [{n: t[kept_rows] for n, t in s.items()} for s in self._states]
+            self._rows = {k: t[kept_rows] for k, t in self._rows.items()}
             self._index.rebuild(keys[keep], torch.arange(keep.numel(), device=self._device))
             self.generation += 1
         ckeys, crows = self._cand_index.items()
-        ckeep = (self._cand_times[crows] >= cutoff).nonzero().squeeze(1)
+        ckeep = (self._cands[ts.CAND_TIMES][crows] >= cutoff).nonzero().squeeze(1)
         if ckeep.numel() != ckeys.numel() or self._cand_index.num_rows != ckeys.numel():
             kept = crows[ckeep]
-            self._cand_counts = self._cand_counts[kept]
-            self._cand_times = self._cand_times[kept]
+            self._cands = {k: t[kept] for k, t in self._cands.items()}
             self._cand_index.rebuild(ckeys[ckeep], torch.arange(ckeep.numel(), device=self._device))
         return removed
 
     # -- state -------------------------------------------------------------
 
     def _config_signature(self) -> list:
-        return [[s.end - s.start, type(s.optimizer).__name__] for s in self._slices]
+        return [[s.end - s.start, type(s.rule.config).__name__] for s in self._slices]
 
     def state_dict(self) -> dict:
-        """Ids, values, optimizer state, last-update times, occurrence counts (rows in id-table order)."""
+        """Ids, values, optimizer state, last-update times, occurrence counts (rows in id-table order).
+
+        On the CPU, in ``table_state``'s layout.
+        """
         keys, rows = self._index.items()
         ckeys, crows = self._cand_index.items()
-        state = {
-            "slices": self._config_signature(),
-            "keys": keys.cpu(),
-            "values": self._values[rows].cpu(),
-            "times": self._times[rows].cpu(),
-            "counts": self._counts[rows].cpu(),
-            "cand_keys": ckeys.cpu(),
-            "cand_counts": self._cand_counts[crows].cpu(),
-            "cand_times": self._cand_times[crows].cpu(),
-        }
-        for i, s in enumerate(self._states):
-            for n, t in s.items():
-                state[f"state.{i}.{n}"] = t[rows].cpu()
-        return state
+        state = ts.make_state(
+            self._config_signature(),
+            {ts.KEYS: keys} | {k: t[rows] for k, t in self._rows.items()},
+            {ts.CAND_KEYS: ckeys} | {k: t[crows] for k, t in self._cands.items()},
+        )
+        return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
     def check_state_dict(self, state: Mapping) -> None:
         """Raises ValueError if ``state`` does not fit this table's slices; changes nothing."""
-        if not isinstance(state, Mapping):
-            raise TypeError(f"state must be a mapping, got {type(state).__name__}")
-        sig = [list(x) for x in state.get("slices", [])]
-        if sig != self._config_signature():
-            raise ValueError(f"table {self.name!r}: saved slices {sig} do not match {self._config_signature()}")
-        expected = {"keys", "values", "times", "counts", "cand_keys", "cand_counts", "cand_times"}
-        expected |= {f"state.{i}.{n}" for i, s in enumerate(self._states) for n in s}
-        missing = expected - set(state)
-        if missing:
-            raise ValueError(f"table {self.name!r}: state is missing {sorted(missing)}")
-        r = state["keys"].shape[0]
-        shapes = {"keys": (r,), "values": (r, self._dim), "times": (r,), "counts": (r,)}
-        c = state["cand_keys"].shape[0]
-        shapes.update({"cand_keys": (c,), "cand_counts": (c,), "cand_times": (c,)})
-        for i, s in enumerate(self._states):
-            d = self._slices[i].end - self._slices[i].start
-            shapes.update({f"state.{i}.{n}": (r, d) for n in s})
-        for k, shape in shapes.items():
-            if tuple(state[k].shape) != shape:
-                raise ValueError(f"table {self.name!r}: {k} has shape {tuple(state[k].shape)}, expected {shape}")
-        for k in ("keys", "cand_keys"):
-            if state[k].numel() and torch.unique(state[k]).numel() != state[k].numel():
-                raise ValueError(f"table {self.name!r}: {k} holds duplicate ids")
+        names = [sl.rule.state_names for sl in self._slices]
+        ts.check_state(state, self._config_signature(), names, f"table {self.name!r}")
 
     def load_state_dict(self, state: Mapping) -> None:
         """Replaces all rows with ``state``; validates everything first."""
         self.check_state_dict(state)
         dev = self._device
-        r = state["keys"].shape[0]
-        self._values = state["values"].to(dev, torch.float32).clone()
-        self._times = state["times"].to(dev, torch.int64).clone()
-        self._counts = state["counts"].to(dev, torch.int64).clone()
-        self._states = [
-            {n: state[f"state.{i}.{n}"].to(dev, torch.float32).clone() for n in s} for i, s in enumerate(self._states)
-        ]
-        self._index.rebuild(state["keys"].to(dev), torch.arange(r, device=dev))
-        c = state["cand_keys"].shape[0]
-        self._cand_counts = state["cand_counts"].to(dev, torch.int64).clone()
-        self._cand_times = state["cand_times"].to(dev, torch.int64).clone()
-        self._cand_index.rebuild(state["cand_keys"].to(dev), torch.arange(c, device=dev))
+        self._rows = {k: state[k].to(dev, t.dtype).clone() for k, t in self._rows.items()}
+        self._cands = {k: state[k].to(dev, t.dtype).clone() for k, t in self._cands.items()}
+        r, c = state[ts.KEYS].shape[0], state[ts.CAND_KEYS].shape[0]
+        self._index.rebuild(state[ts.KEYS].to(dev), torch.arange(r, device=dev))
+        self._cand_index.rebuild(state[ts.CAND_KEYS].to(dev), torch.arange(c, device=dev))
         self._current.clear()
         self.generation += 1

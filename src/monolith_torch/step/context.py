@@ -66,11 +66,17 @@ class NativeContext:
         """Creates a slot through whichever factory this context holds."""
         return self._embedding_owner().create_feature_slot(config)
 
-    def apply_embedding_gradients(self, grads_and_vars: Iterable[tuple[torch.Tensor, torch.Tensor]], scale=1):
-        """Hands embedding gradients (multiplied by ``scale`` in the update) to the factory."""
+    def apply_embedding_gradients(self, grads_and_vars: Iterable[tuple[torch.Tensor, torch.Tensor]], scale=1,
+                                  global_step=None):
+        """Hands embedding gradients (multiplied by ``scale`` in the update) to the factory.
+
+        ``global_step``: the run's step, which the slices' learning-rate
+        functions then see (None: the factory's own count).
+        """
         # Empty lists are passed on too: a replicated or sharded store updates
         # collectively, and every rank must take part in every step.
-        return self._embedding_owner().apply_gradients(list(grads_and_vars), scale)
+        extra = {} if global_step is None else {"global_step": global_step}
+        return self._embedding_owner().apply_gradients(list(grads_and_vars), scale, **extra)
 
     def add_async_function(self, target, args=None, kwargs=None, is_async=None, queue_name="async_queue", **options):
         """Runs ``target`` now or one step later; see ``AsyncFunctionMgr.add_async_function``."""

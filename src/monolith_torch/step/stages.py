@@ -282,7 +282,8 @@ def apply(ctx, var_opt, dense: Variables, dense_grads, sparse: Variables, sparse
     """Embeddings now; dense updates and the global-step increment through the async manager."""
     is_async = False if sync else None
     if sparse_grads or ctx.has_embeddings:
-        ctx.apply_embedding_gradients(list(zip(sparse_grads, sparse.tensors, strict=True)), sparse_scale)
+        ctx.apply_embedding_gradients(list(zip(sparse_grads, sparse.tensors, strict=True)), sparse_scale,
+                                      global_step=global_step)
     for opt, params, grads in _group_by_optimizer(var_opt, dense.tensors, dense_grads):
         ctx.add_async_function(_optimizer_step, (opt, params, grads), is_async=is_async, snapshot=False)
     if global_step is not None:

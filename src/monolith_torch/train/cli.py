@@ -5,25 +5,58 @@
     monolith-torch predict --run-dir runs/default --data new.tsv --output scores.tsv
     torchrun --nproc_per_node 2 -m monolith_torch train ...
 
-Bad settings, a missing data path or an unwritable run directory print one
-``error:`` line and exit with code 2 before anything is written. SIGINT and
-SIGTERM save a checkpoint and exit with 130 / 143.
+Every failure prints one ``error:`` line (text from data files and paths
+escaped, see ``core.fileio.printable``) and exits with a documented code
+(``EXIT_CODES``, shown by ``--help``); never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
+import signal
 import sys
+import threading
 from dataclasses import fields
 
+from monolith_torch.checkpoint import CheckpointError
+from monolith_torch.core.fileio import append_file, check_target, printable
 from monolith_torch.train.config import ConfigError, TrainConfig, load_config
 from monolith_torch.train.data import DataError, expand_paths
+from monolith_torch.train.run_dir import RunPaths, check_outputs, saved_model_settings
 
-__all__ = ["main"]
+__all__ = ["main", "EXIT_CODES"]
 
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+EXIT_IO = 74  # sysexits.h EX_IOERR
+EXIT_CODES = f"""exit codes:
+  0    done
+  2    bad input: a bad setting or config file, a missing data path, an unwritable
+       run directory or --output (all before anything is written), a run directory
+       another trainer holds (its pid named), a checkpoint that cannot be restored
+       (the file and the reason named; an older intact one is used instead, with a
+       warning, when there is one), or a malformed data line under --strict (the
+       file and line named; training saves a checkpoint first)
+  3    training diverged: a NaN/inf loss or gradient at the step named; nothing is
+       saved after it, the last good checkpoint is kept (skip_nonfinite = true
+       skips and counts such steps instead)
+  {EXIT_IO}   an I/O error while running: a file could not be written (disk full, no
+       permission, a symbolic link where monolith-torch writes); the line names it
+  130  stopped by SIGINT (Ctrl-C), 143 by SIGTERM: training saves a checkpoint
+       first; an interrupted data generation or --output write leaves no file
+       behind and the previous one as it was
+"""
+
+
+class _Terminated(BaseException):
+    """SIGTERM outside the training loop; a BaseException so no ``except Exception`` swallows it."""
+
+
+def _raise_terminated(signum, _frame) -> None:
+    raise _Terminated(signum)
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -43,14 +76,16 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="monolith-torch", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="monolith-torch", description=__doc__.split("\n")[0],
+                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("train", "train a model (resume with --resume)"),
         ("eval", "AUC and log-loss of the latest checkpoint on held-out data"),
         ("predict", "write scores of the latest checkpoint for --data to --output"),
     ):
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, epilog=EXIT_CODES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", default=None, help="a TOML file of settings (flags override it)")
         _add_setting_flags(p)
     return parser
@@ -86,9 +121,10 @@ def _print_table(metrics: dict) -> None:
 
 def _validate(command: str, cfg: TrainConfig) -> None:
     """Checks everything that can be checked before a single file is written."""
-    from monolith_torch.train.trainer import check_run_dir
-
-    check_run_dir(cfg.run_dir)
+    check_outputs(RunPaths(cfg.run_dir), command)
+    log = os.path.join(cfg.run_dir, "train.log")
+    if os.path.islink(log):
+        raise ConfigError(f"Invalid run_dir: {cfg.run_dir!r} ({log!r} is a symbolic link; refusing to log through it)")
     if cfg.data:
         expand_paths(cfg.data)
     if cfg.eval_data:
@@ -99,19 +135,53 @@ def _validate(command: str, cfg: TrainConfig) -> None:
         raise ConfigError("eval needs --eval-data when --data names your own training files")
     if command in ("eval", "predict") and not os.path.isdir(os.path.join(cfg.run_dir, "checkpoints")):
         raise ConfigError(f"no checkpoints in run_dir {cfg.run_dir!r}; train first")
+    if command == "predict":
+        output = cfg.output or os.path.join(cfg.run_dir, "predictions.tsv")
+        try:
+            check_target(output)
+        except OSError as e:
+            raise ConfigError(f"Invalid output: {output!r} ({e.strerror})") from None
+        if not os.access(os.path.dirname(os.path.abspath(output)), os.W_OK | os.X_OK):
+            raise ConfigError(f"Invalid output: {output!r} (its directory is not writable)")
+
+
+class _LogFile(logging.FileHandler):
+    """``logging.FileHandler`` that refuses a symlink planted at the log's name instead of appending through it."""
+
+    def _open(self):
+        return append_file(self.baseFilename, self.encoding or "utf-8")
 
 
 def _setup_logging(cfg: TrainConfig, rank: int) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if rank == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
-        handlers.append(logging.FileHandler(os.path.join(cfg.run_dir, "train.log")))
+        handlers.append(_LogFile(os.path.join(cfg.run_dir, "train.log")))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", handlers=handlers, force=True)
 
 
+def _with_saved_model_settings(command: str, cfg: TrainConfig) -> TrainConfig:
+    """eval/predict rebuild the model the run trained: its saved shape settings win over the flags'."""
+    if command == "train":
+        return cfg
+    saved = saved_model_settings(RunPaths(cfg.run_dir))
+    if isinstance(saved.get("hidden"), list):
+        saved["hidden"] = tuple(saved["hidden"])
+    changed = {k: v for k, v in saved.items() if getattr(cfg, k) != v}
+    if not changed:
+        return cfg
+    print(f"using the run's saved model settings: {changed}", file=sys.stderr)
+    return dataclasses.replace(cfg, **changed)
+
+
 def _run(command: str, cfg: TrainConfig) -> int:
-    from monolith_torch.train.trainer import StopRequested, Trainer, init_distributed
+    from monolith_torch.train.trainer import (
+        StopRequested,
+        Trainer,
+        TrainingDiverged,
+        init_distributed,
+    )
 
     rank, world = init_distributed(cfg.dist_timeout_s)
     _setup_logging(cfg, rank)
@@ -137,24 +207,55 @@ def _run(command: str, cfg: TrainConfig) -> int:
         return 0
     except StopRequested as stop:
         return stop.exit_code
+    except TrainingDiverged as e:
+        _error(command, e)
+        return EXIT_DIVERGED
+
+
+def _error(command: str, message: object) -> None:
+    print(f"monolith-torch {command}: error: {printable(str(message))}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    # The training loop and data generation install their own handlers and put this one back.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
-        cfg = load_config(args.config, overrides)
-        _validate(args.command, cfg)
+        return _main(args.command, args.config, overrides)
+    except KeyboardInterrupt:
+        print(f"monolith-torch {args.command}: interrupted by SIGINT", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except _Terminated:
+        print(f"monolith-torch {args.command}: terminated by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(command: str, config_file: str | None, overrides: dict) -> int:
+    try:
+        cfg = _with_saved_model_settings(command, load_config(config_file, overrides))
+        _validate(command, cfg)
     except (ConfigError, DataError) as e:
-        print(f"monolith-torch {args.command}: error: {e}", file=sys.stderr)
+        _error(command, e)
         return EXIT_USAGE
     if int(os.environ.get("RANK", "0")) == 0:
         _print_config(cfg)
     try:
-        return _run(args.command, cfg)
-    except (ConfigError, DataError) as e:
-        print(f"monolith-torch {args.command}: error: {e}", file=sys.stderr)
+        return _run(command, cfg)
+    except (ConfigError, DataError, CheckpointError) as e:
+        _error(command, e)
         return EXIT_USAGE
+    except OSError as e:
+        _error(command, e)
+        return EXIT_IO
+
+
+def _error(command: str, message: object) -> None:
+    print(f"monolith-torch {command}: error: {printable(str(message))}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -2,17 +2,31 @@
 
 Precedence: command-line flag > TOML file (``--config``) > default. Unknown
 keys and bad values raise ``ConfigError`` naming the key and the value.
+
+A TOML file holds the settings either at its top level or all in one
+``[train]`` table; every key it holds is used or reported: a key beside a
+``[train]`` table, any other table, a file that is not UTF-8 or is larger than
+``MAX_CONFIG_BYTES`` is an error. Numbers must be finite and in range (a seed
+that fits 63 bits, at most ``MAX_THREADS`` threads, a timeout of at most
+``MAX_DIST_TIMEOUT_S``), so a bad value fails here, not later with a traceback.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 
-__all__ = ["ConfigError", "TrainConfig", "load_config"]
+from monolith_torch.core.fileio import read_limited
+
+__all__ = ["ConfigError", "TrainConfig", "load_config", "MAX_CONFIG_BYTES"]
 
 _DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
+MAX_CONFIG_BYTES = 1 << 20
+MAX_THREADS = 1024
+MAX_DIST_TIMEOUT_S = 7 * 24 * 3600.0
+_INT64_MAX = (1 << 63) - 1
 
 
 class ConfigError(ValueError):
@@ -49,6 +63,7 @@ class TrainConfig:
     threads: int = 1  # 0: torch's default; 1 is fastest for these small ops on few cores (docs/PERFORMANCE.md)
     dist_timeout_s: float = 300.0
     sharded_tables: bool = False  # shard embedding rows over the ranks instead of replicating them
+    skip_nonfinite: bool = False  # skip (and count) steps with a NaN/inf loss or gradient instead of stopping
     output: str = ""  # predict: where scores go (default: <run_dir>/predictions.tsv)
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -56,28 +71,42 @@ class TrainConfig:
         _positive = ("generated_train_rows", "generated_eval_rows", "batch_size", "epochs", "emb_dim",
                      "seq_len", "checkpoint_every", "summary_every", "eval_batch_size")
         for name in _positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"Invalid {name}: {value!r} (expected an integer >= 1)")
-        for name in ("max_steps", "threads", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"Invalid {name}: {value!r} (expected an integer >= 0)")
+            _check_int(name, getattr(self, name), 1, _INT64_MAX)
+        _check_int("max_steps", self.max_steps, 0, _INT64_MAX)
+        _check_int("seed", self.seed, 0, _INT64_MAX)
+        _check_int("threads", self.threads, 0, MAX_THREADS)
         for name in ("dense_lr", "vec_lr", "bias_lr", "clip_norm", "dist_timeout_s"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
-                raise ConfigError(f"Invalid {name}: {value!r} (expected a number > 0)")
-        if not isinstance(self.dense_weight_decay, int | float) or self.dense_weight_decay < 0:
-            raise ConfigError(f"Invalid dense_weight_decay: {self.dense_weight_decay!r} (expected a number >= 0)")
+            if not _is_number(value) or not 0 < value < math.inf:
+                raise ConfigError(f"Invalid {name}: {value!r} (expected a finite number > 0)")
+        if self.dist_timeout_s > MAX_DIST_TIMEOUT_S:
+            raise ConfigError(f"Invalid dist_timeout_s: {self.dist_timeout_s!r} "
+                              f"(expected at most {MAX_DIST_TIMEOUT_S:.0f} seconds)")
+        if not _is_number(self.dense_weight_decay) or not 0 <= self.dense_weight_decay < math.inf:
+            raise ConfigError(f"Invalid dense_weight_decay: {self.dense_weight_decay!r} (expected a finite number >= 0)")
         if self.dense_optimizer not in _DENSE_OPTIMIZERS:
             raise ConfigError(f"Invalid dense_optimizer: {self.dense_optimizer!r} (expected one of {_DENSE_OPTIMIZERS})")
-        if not self.hidden or any(not isinstance(h, int) or h < 1 for h in self.hidden):
+        if not self.hidden or any(not _is_int(h) or not 1 <= h <= _INT64_MAX for h in self.hidden):
             raise ConfigError(f"Invalid hidden: {self.hidden!r} (expected positive integers, e.g. [256, 128])")
         if not self.run_dir:
             raise ConfigError("Invalid run_dir: '' (expected a directory path)")
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value, low: int, high: int) -> None:
+    if not _is_int(value) or not low <= value <= high:
+        expected = f"an integer >= {low}" if high == _INT64_MAX else f"an integer in [{low}, {high}]"
+        raise ConfigError(f"Invalid {name}: {value!r} (expected {expected})")
 
 
 def _coerce(name: str, value, default):
@@ -94,19 +123,23 @@ def _coerce(name: str, value, default):
             raise ConfigError(f"Invalid {name}: {value!r} (expected a list)")
         if name == "hidden":
             try:
+                if any(isinstance(x, bool | float) for x in items):
+                    raise ValueError
                 return tuple(int(x) for x in items)
             except (TypeError, ValueError):
                 raise ConfigError(f"Invalid {name}: {value!r} (expected integers, e.g. 256,128)") from None
         return tuple(str(x) for x in items if str(x))
     if isinstance(default, int):
         try:
-            if isinstance(value, float) and not value.is_integer():
+            if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
         except (TypeError, ValueError):
             raise ConfigError(f"Invalid {name}: {value!r} (expected an integer)") from None
     if isinstance(default, float):
         try:
+            if isinstance(value, bool):
+                raise ValueError
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"Invalid {name}: {value!r} (expected a number)") from None
@@ -125,15 +158,7 @@ def load_config(config_file: str | None = None, overrides: dict | None = None) -
     known = {f.name: getattr(defaults, f.name) for f in fields(TrainConfig) if f.name != "extra"}
     values: dict = {}
     if config_file:
-        try:
-            with open(config_file, "rb") as f:
-                raw = tomllib.load(f)
-        except OSError as e:
-            raise ConfigError(f"--config: cannot read {config_file!r} ({e.strerror})") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"--config: {config_file!r} is not valid TOML ({e})") from None
-        raw = raw.get("train", raw) if isinstance(raw.get("train"), dict) else raw
-        for key, value in raw.items():
+        for key, value in _read_toml(config_file).items():
             if key not in known:
                 raise ConfigError(f"unknown config key {key!r} in {config_file!r}; known keys: {', '.join(known)}")
             values[key] = _coerce(key, value, known[key])
@@ -147,3 +172,27 @@ def load_config(config_file: str | None = None, overrides: dict | None = None) -
         return dataclasses.replace(defaults, **values)
     except TypeError as e:
         raise ConfigError(str(e)) from None
+
+
+def _read_toml(config_file: str) -> dict:
+    """The settings table of a TOML file: its top level, or its ``[train]`` table when it has one."""
+    try:
+        text = read_limited(config_file, MAX_CONFIG_BYTES).decode("utf-8")
+        raw = tomllib.loads(text)
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {config_file!r} ({e.strerror or e})") from None
+    except ValueError as e:  # too large, not UTF-8, not TOML
+        if isinstance(e, UnicodeDecodeError):
+            reason = f"not UTF-8 text (byte {e.start})"
+        elif isinstance(e, tomllib.TOMLDecodeError):
+            reason = f"not valid TOML: {e}"
+        else:
+            reason = f"larger than {MAX_CONFIG_BYTES} bytes"
+        raise ConfigError(f"--config: {config_file!r} is {reason}") from None
+    if not isinstance(raw.get("train"), dict):
+        return raw
+    beside = [key for key in raw if key != "train"]
+    if beside:
+        raise ConfigError(f"config key {beside[0]!r} in {config_file!r} is outside its [train] table; "
+                          "put every setting in [train], or use no [train] table")
+    return raw["train"]

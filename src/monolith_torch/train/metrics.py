@@ -1,4 +1,7 @@
-"""Binary-classification metrics for CTR models: exact AUC, log-loss and a streaming AUC."""
+"""Binary-classification metrics for CTR models: exact AUC, log-loss and a streaming AUC.
+
+A NaN or infinite prediction never raises: the metrics it enters are NaN.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +11,11 @@ __all__ = ["auc", "log_loss", "StreamingAUC"]
 
 
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Exact ROC AUC (Mann-Whitney U with ties averaged). NaN when one class is absent."""
+    """Exact ROC AUC (Mann-Whitney U with ties averaged). NaN when one class is absent or a score is not finite."""
     scores = scores.detach().double().reshape(-1)
     labels = labels.detach().reshape(-1) > 0.5
+    if not bool(torch.isfinite(scores).all()):
+        return float("nan")
     n_pos = int(labels.sum())
     n_neg = labels.numel() - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -47,16 +52,23 @@ class StreamingAUC:
         self.num_bins = num_bins
         self.pos = torch.zeros(num_bins, dtype=torch.float64)
         self.neg = torch.zeros(num_bins, dtype=torch.float64)
+        self.nonfinite = 0  # predictions that were NaN or infinite
 
     def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
-        bins = (probs.detach().reshape(-1).double().clamp(0, 1) * (self.num_bins - 1)).round().long().cpu()
+        """Adds a batch; a NaN probability makes ``result()`` NaN from then on (never an error)."""
+        p = probs.detach().reshape(-1).double().cpu()
+        finite = torch.isfinite(p)
+        if not bool(finite.all()):
+            self.nonfinite += int((~finite).sum())
+            p = torch.where(finite, p, 0.0)
+        bins = (p.clamp(0, 1) * (self.num_bins - 1)).round().long()
         y = labels.detach().reshape(-1).cpu().double()
         self.pos += torch.bincount(bins, weights=y, minlength=self.num_bins)
         self.neg += torch.bincount(bins, weights=1 - y, minlength=self.num_bins)
 
     def result(self) -> float:
         total_pos, total_neg = self.pos.sum(), self.neg.sum()
-        if total_pos == 0 or total_neg == 0:
+        if total_pos == 0 or total_neg == 0 or self.nonfinite:
             return float("nan")
         neg_below = torch.cumsum(self.neg, 0) - self.neg
         # Each positive beats the negatives in lower bins and ties half of its own bin.

@@ -11,7 +11,6 @@ have data and no one was asked to stop, so they always leave the loop together.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import hashlib
 import json
@@ -26,8 +25,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from monolith_torch.checkpoint import remove_checkpoint, restore_checkpoint, save_checkpoint
+from monolith_torch.checkpoint import (
+    CheckpointError,
+    remove_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from monolith_torch.core.fileio import atomic_write, check_target
 from monolith_torch.embedding import entry
+from monolith_torch.embedding import table_state as ts
 from monolith_torch.embedding.factory import HashTableFeatureFactory
 from monolith_torch.step.api import apply_gradients_with_var_optimizer
 from monolith_torch.step.context import NativeContext
@@ -43,12 +49,31 @@ from monolith_torch.train.data import (
 )
 from monolith_torch.train.metrics import StreamingAUC, auc, log_loss
 from monolith_torch.train.model import CtrModel
+from monolith_torch.train.run_dir import (
+    RunLock,
+    RunPaths,
+    first_restorable,
+    remove_orphan_temps,
+    save_run_settings,
+)
 
-__all__ = ["Trainer", "RunPaths", "check_run_dir", "init_distributed", "state_digest", "StopRequested"]
+__all__ = ["Trainer", "TrainingDiverged", "init_distributed", "state_digest", "StopRequested"]
 
 logger = logging.getLogger("monolith_torch.train.trainer")
 
 _KEEP_CHECKPOINTS = 3
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients went NaN/inf (and ``skip_nonfinite`` is off); nothing was saved after it."""
+
+    def __init__(self, step: int, what: str, checkpoint: str | None):
+        kept = f"the last good checkpoint {checkpoint!r} is kept" if checkpoint else "no checkpoint was written"
+        super().__init__(
+            f"training diverged at step {step}: {what} is not finite; {kept}. Lower the learning rates "
+            "(dense_lr, vec_lr, bias_lr) or set skip_nonfinite = true to skip such steps"
+        )
+        self.step = step
 
 
 class StopRequested(Exception):
@@ -57,51 +82,6 @@ class StopRequested(Exception):
     def __init__(self, signum: int):
         super().__init__(f"stopped by signal {signum}")
         self.exit_code = 128 + signum
-
-
-@dataclasses.dataclass(frozen=True)
-class RunPaths:
-    root: str
-
-    @property
-    def checkpoints(self) -> str:
-        return os.path.join(self.root, "checkpoints")
-
-    @property
-    def tensorboard(self) -> str:
-        return os.path.join(self.root, "tb")
-
-    @property
-    def data(self) -> str:
-        return os.path.join(self.root, "data")
-
-    @property
-    def log(self) -> str:
-        return os.path.join(self.root, "train.log")
-
-    def checkpoint(self, step: int) -> str:
-        return os.path.join(self.checkpoints, f"ckpt-{step:010d}.pt")
-
-    def latest_checkpoint(self) -> str | None:
-        if not os.path.isdir(self.checkpoints):
-            return None
-        names = sorted(n for n in os.listdir(self.checkpoints) if n.startswith("ckpt-") and n.endswith(".pt"))
-        return os.path.join(self.checkpoints, names[-1]) if names else None
-
-
-def check_run_dir(run_dir: str) -> None:
-    """Raises ``ConfigError`` unless ``run_dir`` exists as a writable directory or can be created."""
-    path = os.path.abspath(run_dir)
-    probe = path
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    if not os.path.isdir(probe):
-        raise ConfigError(f"Invalid run_dir: {run_dir!r} ({probe!r} is not a directory)")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"Invalid run_dir: {run_dir!r} ({probe!r} is not writable)")
 
 
 def _init_horovod(backend: str, timeout: datetime.timedelta) -> tuple[int, int]:
@@ -200,14 +180,15 @@ def state_digest(factory: HashTableFeatureFactory, model: torch.nn.Module) -> st
     h = hashlib.sha256()
     group = factory.shard_group()
     for name, table in sorted(factory.tables.items()):
-        state = table.state_dict()
+        full = table.state_dict()
+        state = {k: full[k] for k in ts.learned_fields(full)}
         if group is not None:
             shards: list = [None] * dist.get_world_size(group)
-            dist.all_gather_object(shards, {k: v for k, v in state.items() if k != "slices"}, group=group)
-            state = {k: torch.cat([s[k] for s in shards]) for k in shards[0]}
-        order = torch.argsort(state["keys"])
+            dist.all_gather_object(shards, state, group=group)
+            state = ts.concat_states(shards)
+        order = torch.argsort(state[ts.KEYS])
         h.update(name.encode())
-        for key in sorted(k for k in state if k == "keys" or k == "values" or k.startswith("state.")):
+        for key in ts.learned_fields(state):
             h.update(state[key][order].contiguous().numpy().tobytes())
     for name, p in model.state_dict().items():
         h.update(name.encode())
@@ -246,6 +227,8 @@ class Trainer:
         self.global_step = torch.zeros((), dtype=torch.int64)
         self.stats = ReadStats()
         self._stop_signal = 0
+        self.last_checkpoint: str | None = None  # the newest checkpoint written or restored
+        self.skipped_nonfinite = 0  # steps skipped for NaN/inf (skip_nonfinite)
 
     # ------------------------------------------------------------ data
 
@@ -262,17 +245,38 @@ class Trainer:
         return [os.path.join(self.paths.data, "eval.tsv")]
 
     def prepare_data(self) -> None:
-        """Writes the embedded default dataset on first use (rank 0; the others wait)."""
+        """Writes the embedded default dataset on first use (rank 0; the others wait).
+
+        SIGINT or SIGTERM while generating raises ``StopRequested`` (exit code
+        130 / 143) after removing the file being written; files already
+        complete stay (the next run uses them). Call from the main thread.
+        """
         if not self.cfg.data and self.rank == 0:
             os.makedirs(self.paths.data, exist_ok=True)
-            for name, rows, part in (
-                ("train.tsv", self.cfg.generated_train_rows, 0),
-                ("eval.tsv", self.cfg.generated_eval_rows, 1),
-            ):
-                path = os.path.join(self.paths.data, name)
-                if not os.path.exists(path):
-                    logger.info("generating %d rows of Criteo-format data into %s", rows, path)
-                    generate_criteo(path, rows, seed=self.cfg.seed, part=part)
+
+            def stop(signum, _frame):
+                # Further signals are ignored while the temp file is removed and the handlers put back.
+                for s in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(s, signal.SIG_IGN)
+                raise StopRequested(signum)
+
+            handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                for name, rows, part in (
+                    ("train.tsv", self.cfg.generated_train_rows, 0),
+                    ("eval.tsv", self.cfg.generated_eval_rows, 1),
+                ):
+                    path = os.path.join(self.paths.data, name)
+                    if not os.path.exists(path):
+                        logger.info("generating %d rows of Criteo-format data into %s", rows, path)
+                        generate_criteo(path, rows, seed=self.cfg.seed, part=part)
+            except StopRequested as stop_request:
+                logger.info("stopped by signal %d while generating data; no partial file left in %s",
+                            stop_request.exit_code - 128, self.paths.data)
+                raise
+            finally:
+                for s, h in handlers.items():
+                    signal.signal(s, h)
         if self.world > 1:
             dist.barrier()
 
@@ -290,19 +294,13 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def save(self) -> str | None:
-        sharded = self.factory.shard_group() is not None
-        if self.world > 1 and not sharded:
-            # Replicas drop expired rows together, at rank 0's clock, so they stay identical.
-            now = torch.tensor([time.time()], dtype=torch.float64)
-            dist.broadcast(now, src=0)
-            self.factory.evict_expired(float(now))
-        if self.rank != 0 and not sharded:
-            self.ctx.async_function_mgr.flush()
-            return None
-        os.makedirs(self.paths.checkpoints, exist_ok=True)
+        if self.rank == 0 or self.factory.shard_group() is not None:
+            os.makedirs(self.paths.checkpoints, exist_ok=True)
         path = self.paths.checkpoint(int(self.global_step))
-        # Sharded tables: every rank writes its shard, rank 0 the manifest (a collective).
+        # With several ranks a collective: replicas evict together and rank 0
+        # writes; sharded tables: every rank writes its shard, rank 0 the manifest.
         save_checkpoint(path, self.ctx, self.model, self.optimizer, self.global_step)
+        self.last_checkpoint = path
         if self.rank != 0:
             return path
         names = sorted(n for n in os.listdir(self.paths.checkpoints) if n.startswith("ckpt-") and n.endswith(".pt"))
@@ -311,12 +309,26 @@ class Trainer:
         return path
 
     def restore_latest(self, required: bool) -> int:
-        path = self.paths.latest_checkpoint()
-        if path is None:
+        """Restores the newest checkpoint that is intact (warning about damaged newer ones); returns its step.
+
+        The dense learning rate is the configured one afterwards, not the
+        saved one: the printed effective config is what trains.
+
+        Raises:
+            ConfigError: no checkpoint and ``required``.
+            CheckpointError: none of the checkpoints restores (the newest and why named).
+        """
+        candidates = self.paths.checkpoints_newest_first()
+        if not candidates:
             if required:
                 raise ConfigError(f"no checkpoint in {self.paths.checkpoints!r}; train first")
             return 0
-        restore_checkpoint(path, self.ctx, self.model, self.optimizer, self.global_step)
+        path = first_restorable(
+            candidates, lambda p: restore_checkpoint(p, self.ctx, self.model, self.optimizer, self.global_step)
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.dense_lr
+        self.last_checkpoint = path
         logger.info("restored %s (global step %d)", path, int(self.global_step))
         return int(self.global_step)
 
@@ -338,10 +350,31 @@ class Trainer:
         return not stop_all
 
     def train(self) -> dict:
-        """Trains (resuming when asked), checkpoints, evaluates; returns the final metrics."""
+        """Trains (resuming when asked), checkpoints, evaluates; returns the final metrics.
+
+        Rank 0 holds the run directory's lock for the whole run, and first
+        removes temp files a killed run left behind.
+
+        Raises:
+            ConfigError: another trainer holds the run directory.
+            TrainingDiverged: a NaN/inf loss or gradient (``skip_nonfinite`` off).
+            StopRequested: SIGINT/SIGTERM, after saving.
+        """
+        lock = RunLock(self.paths).acquire() if self.rank == 0 else None
+        try:
+            if lock is not None:
+                remove_orphan_temps(self.paths)
+            return self._train()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train(self) -> dict:
         cfg = self.cfg
         self.prepare_data()
         start = self.restore_latest(required=False) if cfg.resume else 0
+        if self.rank == 0:
+            save_run_settings(self.paths, cfg)
         writer = None
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -350,6 +383,11 @@ class Trainer:
         handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             metrics = self._train_loop(start, writer)
+        except (TrainingDiverged, CheckpointError, OSError):
+            raise  # a diverged state is not saved; a failed save is not retried
+        except Exception:
+            self._save_before_failing(start)
+            raise
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
@@ -371,9 +409,23 @@ class Trainer:
         metrics["checkpoint"] = path
         metrics["state_digest"] = state_digest(self.factory, self.model)
         if self.rank == 0:
-            with open(os.path.join(cfg.run_dir, "metrics.json"), "w") as f:
+            with atomic_write(self.paths.metrics, "w") as f:
                 json.dump(metrics, f, indent=2)
         return metrics
+
+    def _save_before_failing(self, start: int) -> None:
+        """After training started, an error (bad data under --strict, ...) first saves what was trained.
+
+        One process only: with several ranks the others may be waiting in a
+        collective, so a save (a collective) could not complete.
+        """
+        if self.world != 1 or int(self.global_step) <= start:
+            return
+        try:
+            path = self.save()
+            logger.warning("saved %s before stopping on an error", path)
+        except Exception as e:  # the original error is the one to report
+            logger.warning("could not save a checkpoint before stopping: %s", e)
 
     def _data_summary(self) -> tuple[int, str]:
         """Malformed-line count and summary over all ranks (each read its own share)."""
@@ -397,8 +449,10 @@ class Trainer:
             batch = next(batches, None)
             if not self._agree_to_continue(batch is not None):
                 break
-            loss, probs = self._train_step(batch, writer, step)
+            loss, probs, applied = self._train_step(batch, writer, step)
             step += 1
+            if not applied:
+                continue
             loss_value = float(loss)
             loss_sum += loss_value * len(batch)
             seen += len(batch)
@@ -417,6 +471,7 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         return {
             "steps": int(self.global_step),
+            "skipped_nonfinite": self.skipped_nonfinite,
             "train_examples": seen * self.world,
             "train_auc": running_auc.result(),
             "train_log_loss": loss_sum / seen if seen else float("nan"),
@@ -430,13 +485,22 @@ class Trainer:
         self.factory.lookup(batch.sparse)
         logits = self.model(batch)
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
-        apply_gradients_with_var_optimizer(
+        # The step checks gradients for NaN/inf before it updates anything (one
+        # host sync; in several processes one tiny allreduce, so all ranks agree).
+        result = apply_gradients_with_var_optimizer(
             self.ctx, self.model.columns, self.optimizer, loss,
             clip_type=GradClipType.ClipByGlobalNorm, clip_norm=self.cfg.clip_norm, global_step=self.global_step,
             grads_and_vars_summary=summarize, use_allreduce=self.world > 1,
-            dense_weight_decay=self.cfg.dense_weight_decay, model=self.model,
+            dense_weight_decay=self.cfg.dense_weight_decay, model=self.model, skip_nonfinite=True,
         )
-        return loss.detach(), torch.sigmoid(logits.detach())
+        if result.reason == "nonfinite":
+            if not self.cfg.skip_nonfinite:
+                raise TrainingDiverged(step + 1, "the loss or a gradient", self.last_checkpoint)
+            self.skipped_nonfinite += 1
+            logger.warning("step %d skipped: NaN/inf loss or gradient (%d so far)", step + 1,
+                           self.skipped_nonfinite)
+            return loss.detach(), None, False
+        return loss.detach(), torch.sigmoid(logits.detach()), True
 
     # ------------------------------------------------------------ eval / predict
 
@@ -457,10 +521,14 @@ class Trainer:
         return {"auc": auc(probs, labels), "log_loss": log_loss(probs, labels), "examples": int(labels.numel())}
 
     def predict(self, paths: list[str], output: str) -> int:
-        """Writes ``score<TAB>label`` per input row to ``output`` (atomically); returns the row count."""
+        """Writes ``score<TAB>label`` per input row to ``output`` (atomically); returns the row count.
+
+        Raises:
+            SymlinkTargetError: ``output`` is a symbolic link (checked before scoring).
+            DataError: no rows to score, or an unreadable input.
+        """
+        check_target(output)
         probs, labels = self._scores(paths)
-        tmp = f"{output}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
+        with atomic_write(output, "w") as f:
             f.writelines(f"{p:.6f}\t{int(y)}\n" for p, y in zip(probs.tolist(), labels.tolist(), strict=True))
-        os.replace(tmp, output)
         return int(probs.numel())

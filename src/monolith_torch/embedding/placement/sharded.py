@@ -35,9 +35,12 @@ import torch.distributed as dist
 
 from monolith_torch.core.hashing import fmix64
 from monolith_torch.core.tensor_lists import foreach_scale_
+from monolith_torch.embedding import table_state as ts
+from monolith_torch.embedding.placement.base import Placement, TableBatch
 
 __all__ = [
     "ShardExchangeError",
+    "ShardedPlacement",
     "shard_owner",
     "sharded_lookup",
     "sharded_apply_gradients",
@@ -223,39 +226,68 @@ def sharded_apply_gradients(
         table.apply_gradients(rid.to(table.device), rows[:, 2:].to(table.device), 1.0, global_step)
 
 
-# -- checkpoint helpers ----------------------------------------------------------
+class ShardedPlacement(Placement):
+    """Row-wise shards over ``group``: every method but ``owned_state`` is a collective.
 
-_ROW_KEYS = ("keys", "values", "times", "counts")
-_CAND_KEYS = ("cand_keys", "cand_counts", "cand_times")
+    Args:
+        group: the process group (more than one rank).
+        timeout: seconds each exchange may wait for its peers before raising
+            ``ShardExchangeError``; None uses the group's timeout.
+    """
+
+    kind = "sharded"
+    collective = True
+
+    def __init__(self, group, timeout: float | None = None):
+        self.group = group
+        self.timeout = timeout
+        self._checked_layout = None  # the slot layout last agreed on by all ranks
+
+    def lookup(self, tables, ids, training):
+        values = sharded_lookup(tables, ids, training, self.group, self.timeout)
+        return [(v, None) for v in values]
+
+    def apply_gradients(self, batches: Sequence[TableBatch], scale, global_step: int) -> None:
+        sharded_apply_gradients([b.table for b in batches], [b.ids for b in batches], [b.grads for b in batches],
+                                scale, global_step, self.group, self.timeout)
+
+    def shard_info(self) -> tuple[int, int]:
+        return dist.get_rank(self.group), dist.get_world_size(self.group)
+
+    def owned_state(self, table_state: Mapping) -> Mapping:
+        return select_owned(table_state, *self.shard_info())
+
+    def check_tables(self, tables) -> None:
+        """Every rank must hold the same tables in the same order: checked (a collective) once per layout."""
+        layout = [(t.name, t.dim, t.feature_names) for t in tables]
+        if layout == self._checked_layout:
+            return
+        layouts: list = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(layouts, layout, group=self.group)
+        differ = [r for r, other in enumerate(layouts) if other != layouts[0]]
+        if differ:
+            raise RuntimeError(
+                f"sharded tables: ranks {differ} registered other slots than rank 0 "
+                f"(rank 0: {layouts[0]}; rank {differ[0]}: {layouts[differ[0]]}); every rank must create "
+                "the same slots, features and slices in the same order"
+            )
+        self._checked_layout = layout
+
+
+# -- checkpoint helpers ----------------------------------------------------------
 
 
 def select_owned(state: Mapping, rank: int, world: int) -> dict:
     """The rows (and occurrence-filter candidates) of a table ``state_dict`` that ``rank`` owns."""
-    out = dict(state)
-    keep = shard_owner(state["keys"], world) == rank
-    ckeep = shard_owner(state["cand_keys"], world) == rank
-    for k in state:
-        if k in _ROW_KEYS or k.startswith("state."):
-            out[k] = state[k][keep]
-        elif k in _CAND_KEYS:
-            out[k] = state[k][ckeep]
-    return out
+    return ts.select_rows(
+        state, shard_owner(state[ts.KEYS], world) == rank, shard_owner(state[ts.CAND_KEYS], world) == rank
+    )
 
 
 def merge_table_states(states: Sequence[Mapping]) -> dict:
     """One table ``state_dict`` holding the rows of all ``states`` (disjoint shards of one table).
 
     Raises:
-        ValueError: the shards disagree on their slices.
+        ValueError: no shards, or the shards disagree on their slices or keys.
     """
-    if not states:
-        raise ValueError("Invalid states: [] (expected at least one shard)")
-    first = states[0]
-    for i, s in enumerate(states[1:], 1):
-        if [list(x) for x in s["slices"]] != [list(x) for x in first["slices"]] or set(s) != set(first):
-            raise ValueError(f"Invalid states[{i}]: its slices or keys differ from shard 0's")
-    out = {"slices": first["slices"]}
-    for k in first:
-        if k != "slices":
-            out[k] = torch.cat([s[k] for s in states])
-    return out
+    return ts.concat_states(states)
