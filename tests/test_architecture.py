@@ -52,3 +52,12 @@ def test_monolith_module_names_are_the_same_modules(name, home):
 def test_public_surface_is_importable():
     for name in monolith_torch.__all__:
         assert getattr(monolith_torch, name) is not None
+
+
+def test_console_script_entry_point_imports():
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), name

@@ -28,6 +28,11 @@ from monolith_torch.embedding.feature import (
     FeatureSlotConfig,
     create_embedding_slices,
 )
+from monolith_torch.embedding.module import (
+    EmbeddingFeatureConfig,
+    EmbeddingTableConfig,
+    HashEmbeddingBagCollection,
+)
 from monolith_torch.embedding.placement.sharded import ShardExchangeError
 from monolith_torch.embedding.seq_mask import gen_seq_mask
 from monolith_torch.embedding.table import EmbeddingTable
@@ -43,7 +48,9 @@ __all__ = [
     "AsyncFunctionMgr",
     "CheckpointError",
     "EmbeddingTable",
+    "EmbeddingFeatureConfig",
     "EmbeddingLayoutFactory",
+    "EmbeddingTableConfig",
     "FeatureColumn",
     "FeatureColumnV1",
     "FeatureFactory",
@@ -53,6 +60,7 @@ __all__ = [
     "FeatureSlotConfig",
     "FirstN",
     "GradClipType",
+    "HashEmbeddingBagCollection",
     "HashTableFeatureFactory",
     "NativeContext",
     "RaggedTensor",

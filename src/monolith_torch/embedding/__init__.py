@@ -8,6 +8,17 @@ kernels, the table, its slice optimizers and initializers, and the placements
 """
 
 from monolith_torch.embedding.factory import HashTableFeatureFactory
+from monolith_torch.embedding.module import (
+    EmbeddingFeatureConfig,
+    EmbeddingTableConfig,
+    HashEmbeddingBagCollection,
+)
 from monolith_torch.embedding.table import EmbeddingTable
 
-__all__ = ["EmbeddingTable", "HashTableFeatureFactory"]
+__all__ = [
+    "EmbeddingFeatureConfig",
+    "EmbeddingTable",
+    "EmbeddingTableConfig",
+    "HashEmbeddingBagCollection",
+    "HashTableFeatureFactory",
+]

@@ -206,7 +206,9 @@ def apply_gradients_with_var_optimizer(
         sparse_norm_warmup_steps: ramp the sparse bound linearly from 0.
         dense_reduce_mean, batch_size: divide dense gradients by ``batch_size``.
         is_fused_layout: differentiate ``ctx.layout_factory.flattened_layout()``.
-        model: a module whose (named) parameters are dense variables too.
+        model: a module whose (named) parameters are dense variables too; the
+            embedding variables of every ``HashEmbeddingBagCollection`` in it
+            are collected as well (``ctx.feature_factory`` must be its factory).
         allreduce_config: overrides ``AllreduceConfig.from_env()``.
         skip_nonfinite: skip the step (nothing updated) when a gradient holds
             NaN/Inf; costs one host sync.
@@ -228,7 +230,7 @@ def apply_gradients_with_var_optimizer(
     )
     _check_loss(loss)
     dense = stages.collect_dense_variables(var_opt, model)
-    sparse = stages.collect_embedding_variables(ctx, feature_columns, config.is_fused_layout)
+    sparse = stages.collect_embedding_variables(ctx, feature_columns, config.is_fused_layout, model)
     return stages.run_step(ctx, var_opt, loss, dense, sparse, config, global_step, features)
 
 

@@ -50,6 +50,8 @@ class NativeContext:
         self.layout_factory = layout_factory
         self.async_function_mgr = async_function_mgr or AsyncFunctionMgr(is_async=False)
         self.summary_writer = summary_writer
+        # (key, GradientBuckets): the dense gradients' persistent allreduce buffers, made by the step.
+        self.gradient_buckets = None
 
     def _embedding_owner(self):
         owner = self.feature_factory if self.feature_factory is not None else self.layout_factory

@@ -16,6 +16,8 @@ import torch.distributed as dist
 
 from monolith_torch.core.ragged import RaggedTensor
 from monolith_torch.distributed.allreduce import allreduce_cond
+from monolith_torch.distributed.gradient_buckets import GradientBuckets
+from monolith_torch.embedding.module import HashEmbeddingBagCollection
 from monolith_torch.step import clip_ops, summaries
 from monolith_torch.step.types import GradClipType, StepResult
 
@@ -97,34 +99,55 @@ def collect_dense_variables(var_opt: torch.optim.Optimizer, model: torch.nn.Modu
     return out
 
 
-def collect_embedding_variables(ctx, feature_columns: Iterable, fused_layout: bool) -> Variables:
-    """Embedding variables: each column's per-id leaf, or the flattened fused layout."""
+def collect_embedding_variables(ctx, feature_columns: Iterable, fused_layout: bool,
+                                model: torch.nn.Module | None = None) -> Variables:
+    """Embedding variables: each column's per-id leaf, or the flattened fused layout.
+
+    With ``model``, also the variables of every ``HashEmbeddingBagCollection``
+    in it (``embedding_variables()``: its latest training batch), so none of
+    its columns can be forgotten; columns of such a module that are passed
+    in ``feature_columns`` too are not collected twice.
+    """
     if fused_layout:
         if ctx.layout_factory is None:
             raise RuntimeError("is_fused_layout=True needs a NativeContext with a layout_factory")
         tensors = list(ctx.layout_factory.flattened_layout())
         return Variables([f"layout_{i}" for i in range(len(tensors))], tensors)
-    columns = list(feature_columns)
+    out = Variables()
+    owned: set[int] = set()
+    modules = [m for m in model.modules() if isinstance(m, HashEmbeddingBagCollection)] if model is not None else []
+    for module in modules:
+        owned.update(id(fc) for fc in module.columns)
+        for name, t in module.embedding_variables():
+            out.names.append(name)
+            out.tensors.append(t)
+    columns = [fc for fc in feature_columns if id(fc) not in owned]
     tensors = [fc.get_all_embeddings_concat() for fc in columns]
     for fc, t in zip(columns, tensors, strict=True):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"column {fc.feature_name!r} has no looked-up embeddings (got {type(t).__name__})")
-    return Variables([fc.feature_name for fc in columns], tensors)
+    out.names.extend(fc.feature_name for fc in columns)
+    out.tensors.extend(tensors)
+    return out
 
 
 # ---------------------------------------------------------------- gradients
 
 
-def compute_gradients(loss: torch.Tensor, targets: list[torch.Tensor]) -> list[torch.Tensor | None]:
+def compute_gradients(loss: torch.Tensor, targets: list[torch.Tensor], buckets=None) -> list[torch.Tensor | None]:
     """Gradients of ``loss`` w.r.t. ``targets`` (None where unused).
 
     Uses ``backward(inputs=...)`` rather than ``autograd.grad`` so each gradient
     is a tensor of its own (autograd may hand several inputs views of one
-    buffer), which the later stages then scale in place.
+    buffer), which the later stages then scale in place. With ``buckets``
+    (``GradientBuckets``), its parameters' gradients are written straight
+    into its flat buffers (zeros where unused), ready for an in-place allreduce.
     """
     wanted = [t for t in targets if t.requires_grad]
     for t in wanted:
         t.grad = None
+    if buckets is not None:
+        buckets.zero_grad_()
     if wanted:
         loss.backward(inputs=wanted)
     grads = [t.grad if t.requires_grad else None for t in targets]
@@ -290,10 +313,35 @@ def apply(ctx, var_opt, dense: Variables, dense_grads, sparse: Variables, sparse
         ctx.add_async_function(global_step.add_, (1,), is_async=is_async)
 
 
+def gradient_buckets(ctx, dense: Variables, config, sync: bool):
+    """The persistent allreduce buffers for these dense variables, or None where they do not apply.
+
+    Used for fusion ``"one"`` when the dense updates run in this step (a
+    synchronous manager, or ``sync``): a deferred update would read its
+    gradients after the next step's backward had overwritten the buffers.
+    Kept on ``ctx.gradient_buckets`` and rebuilt when the variables or the
+    allreduce settings change.
+    """
+    allreduce = config.allreduce
+    if allreduce is None or allreduce.fusion != "one" or not dense.tensors:
+        return None
+    if not sync and ctx.async_function_mgr.is_async:
+        return None
+    if not all(t.requires_grad and t.is_leaf and t.is_floating_point() for t in dense.tensors):
+        return None
+    cached = getattr(ctx, "gradient_buckets", None)
+    key = (tuple(id(t) for t in dense.tensors), allreduce.bucket_cap_bytes, allreduce.compression)
+    if cached is None or cached[0] != key:
+        cached = (key, GradientBuckets(dense.tensors, allreduce))
+        ctx.gradient_buckets = cached
+    return cached[1]
+
+
 def run_step(ctx, var_opt, loss, dense: Variables, sparse: Variables, config, global_step, features,
              sync: bool = False):
     """Runs the whole pipeline for one step and returns a ``StepResult``."""
-    grads = compute_gradients(loss, dense.tensors + sparse.tensors)
+    buckets = gradient_buckets(ctx, dense, config, sync)
+    grads = compute_gradients(loss, dense.tensors + sparse.tensors, buckets)
     dense, dense_grads, sparse, sparse_grads = filter_unused(
         dense, sparse, grads, config.is_fused_layout, zero_fill_dense=config.allreduce is not None
     )
@@ -322,7 +370,7 @@ def run_step(ctx, var_opt, loss, dense: Variables, sparse: Variables, config, gl
     _write_summaries(ctx, config, clip, global_step, dense, dense_grads, sparse, sparse_grads)
 
     if config.allreduce is not None and dense_grads:
-        dense_grads = allreduce_cond(dense_grads, scale=dense_scale, config=config.allreduce)
+        dense_grads = allreduce_cond(dense_grads, scale=dense_scale, config=config.allreduce, buckets=buckets)
     if config.dense_weight_decay and dense_grads:
         torch._foreach_add_(dense_grads, [p.detach() for p in dense.tensors], alpha=config.dense_weight_decay)
 
