@@ -252,6 +252,9 @@ class HashEmbeddingBagCollection(torch.nn.Module):
         # The factory's own step count, saved with the module: sparse_step
         # without a global_step counts here, as factory.apply_gradients does.
         self.register_buffer("global_step", self.factory.global_step, persistent=True)
+        # False: state_dict() leaves the tables and the step out, for owners that
+        # checkpoint them through the factory (the trainer's save_checkpoint).
+        self.state_dict_tables = True
         self._batches: list[_Batch] = []
         self._warned_no_grad: set[str] = set()
         self._warned_pending = False
@@ -465,6 +468,8 @@ class HashEmbeddingBagCollection(torch.nn.Module):
     # -- state ---------------------------------------------------------------
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if not self.state_dict_tables:
+            return  # the tables and the step travel another way (e.g. the factory's checkpoint part)
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for name, table in self.tables.items():
             for key, value in table.state_dict().items():
@@ -474,6 +479,8 @@ class HashEmbeddingBagCollection(torch.nn.Module):
                               unexpected_keys, error_msgs):
         # The buffers (global_step) load as usual; every other key under
         # ``prefix`` must be a table field ``tables.{slot}.{field}``.
+        if not self.state_dict_tables:
+            return
         ours = f"{prefix}{_TABLE_PREFIX}"
         names = sorted(self._table_configs, key=len, reverse=True)  # longest first: "a.b" before "a"
         per_table: dict[str, dict] = {name: {} for name in self._table_configs}

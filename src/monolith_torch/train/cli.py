@@ -23,7 +23,7 @@ from dataclasses import fields
 
 from monolith_torch.checkpoint import CheckpointError
 from monolith_torch.core.fileio import append_file, check_target, printable
-from monolith_torch.train.config import ConfigError, TrainConfig, load_config
+from monolith_torch.train.config import HELP, ConfigError, TrainConfig, load_config
 from monolith_torch.train.data import DataError, expand_paths
 from monolith_torch.train.run_dir import RunPaths, check_outputs, saved_model_settings
 
@@ -61,18 +61,18 @@ def _raise_terminated(signum, _frame) -> None:
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
-        if f.name == "extra":
-            continue
+        if f.name in ("features", "model_options"):
+            continue  # tables: TOML only
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"(default {f.default})")
+                                help=f"{HELP[f.name]} (default {f.default})")
         elif f.name in ("data", "eval_data"):
             parser.add_argument(flag, dest=f.name, action="append", default=None, metavar="PATH_OR_GLOB",
-                                help="a file, directory or glob; repeatable (default: the embedded dataset)")
+                                help=HELP[f.name])
         else:
             parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
-                                help=f"(default {f.default!r})")
+                                help=f"{HELP[f.name]} (default {f.default!r})")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,12 +88,41 @@ def _parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", default=None, help="a TOML file of settings (flags override it)")
         _add_setting_flags(p)
+    p = sub.add_parser("data", help="write a real data set, ready to train, and its schema TOML", epilog=EXIT_CODES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", choices=["movielens-100k"],
+                   help="movielens-100k: from the recbole==1.2.1 wheel on PyPI, read without installing it")
+    p.add_argument("--out", required=True, help="the folder for train/valid/test Parquet files and schema.toml")
+    p.add_argument("--wheel-dir", default=None,
+                   help="where the wheel is, or is downloaded to (a cache; default: a temporary folder)")
     return parser
+
+
+def _data(args) -> int:
+    from monolith_torch.train.datasets import prepare_movielens_100k
+
+    try:
+        written = prepare_movielens_100k(args.out, args.wheel_dir)
+    except DataError as e:
+        _error("data", e)
+        return EXIT_USAGE
+    except OSError as e:
+        _error("data", e)
+        return EXIT_IO
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    print(f"train with: monolith-torch train --config {written['schema']} --data {written['train']} "
+          f"--eval-data {written['test']} --run-dir runs/movielens")
+    return 0
 
 
 def _print_config(cfg: TrainConfig) -> None:
     print("effective config:")
     for key, value in cfg.to_dict().items():
+        if key == "features":
+            value = f"<{len(value)} [[features]] entries>" if value else "<the Criteo preset>"
+            print(f"  {key} = {value}")
+            continue
         print(f"  {key} = {list(value) if isinstance(value, tuple) else value!r}")
     sys.stdout.flush()
 
@@ -166,12 +195,14 @@ def _with_saved_model_settings(command: str, cfg: TrainConfig) -> TrainConfig:
     if command == "train":
         return cfg
     saved = saved_model_settings(RunPaths(cfg.run_dir))
-    if isinstance(saved.get("hidden"), list):
-        saved["hidden"] = tuple(saved["hidden"])
+    for key in ("hidden", "features"):
+        if isinstance(saved.get(key), list):
+            saved[key] = tuple(saved[key])
     changed = {k: v for k, v in saved.items() if getattr(cfg, k) != v}
     if not changed:
         return cfg
-    print(f"using the run's saved model settings: {changed}", file=sys.stderr)
+    shown = {k: f"<{len(v)} [[features]] entries>" if k == "features" else v for k, v in changed.items()}
+    print(f"using the run's saved model settings: {shown}", file=sys.stderr)
     return dataclasses.replace(cfg, **changed)
 
 
@@ -218,11 +249,13 @@ def _error(command: str, message: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "dataset", "out", "wheel_dir")}
     # The training loop and data generation install their own handlers and put this one back.
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
+        if args.command == "data":
+            return _data(args)
         return _main(args.command, args.config, overrides)
     except KeyboardInterrupt:
         print(f"monolith-torch {args.command}: interrupted by SIGINT", file=sys.stderr)

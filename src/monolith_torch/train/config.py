@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 
 from monolith_torch.core.fileio import read_limited
 
-__all__ = ["ConfigError", "TrainConfig", "load_config", "MAX_CONFIG_BYTES"]
+__all__ = ["ConfigError", "HELP", "TrainConfig", "load_config", "MAX_CONFIG_BYTES"]
 
 _DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
 MAX_CONFIG_BYTES = 1 << 20
@@ -65,7 +65,13 @@ class TrainConfig:
     sharded_tables: bool = False  # shard embedding rows over the ranks instead of replicating them
     skip_nonfinite: bool = False  # skip (and count) steps with a NaN/inf loss or gradient instead of stopping
     output: str = ""  # predict: where scores go (default: <run_dir>/predictions.tsv)
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
+    model: str = "deepfm"
+    fused_embeddings: bool = False
+    header: str = "auto"
+    delimiter: str = ""
+    # TOML only: the [[features]] schema (empty: the Criteo preset) and the model's keyword arguments.
+    features: tuple = ()
+    model_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         _positive = ("generated_train_rows", "generated_eval_rows", "batch_size", "epochs", "emb_dim",
@@ -90,9 +96,54 @@ class TrainConfig:
             raise ConfigError(f"Invalid hidden: {self.hidden!r} (expected positive integers, e.g. [256, 128])")
         if not self.run_dir:
             raise ConfigError("Invalid run_dir: '' (expected a directory path)")
+        if self.header not in ("auto", "yes", "no"):
+            raise ConfigError(f"Invalid header: {self.header!r} (expected auto, yes or no)")
+        if len(self.delimiter) > 1 or self.delimiter in ("\r", "\n", '"'):
+            raise ConfigError(f"Invalid delimiter: {self.delimiter!r} (expected one character, or empty for auto)")
+        if not self.model:
+            raise ConfigError("Invalid model: '' (expected deepfm, dcn_v2, dlrm, wide_deep or 'module:Class')")
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# One line per setting, for ``--help`` and the docs.
+HELP = {
+    "run_dir": "where checkpoints, logs, TensorBoard events and metrics go",
+    "data": "training files (TSV/CSV, gzip, Parquet): a file, directory or glob; repeatable",
+    "eval_data": "held-out files scored after training (and by eval); repeatable",
+    "generated_train_rows": "rows of the embedded Criteo-format dataset to generate (when no --data)",
+    "generated_eval_rows": "held-out rows of the embedded dataset to generate",
+    "batch_size": "examples per training step (per process)",
+    "epochs": "passes over the training files",
+    "max_steps": "stop after this many steps (0: no limit)",
+    "emb_dim": "vector width D of each id feature (the Criteo preset)",
+    "seq_len": "ids read from the sequence feature with FirstN (the Criteo preset)",
+    "hidden": "widths of the model's top MLP, comma-separated",
+    "dense_optimizer": "optimizer of the dense parameters: adam, adagrad or sgd",
+    "dense_lr": "learning rate of the dense optimizer (applies on --resume too)",
+    "vec_lr": "Adagrad learning rate of the vector slices (the Criteo preset; accumulator starts at 1.0)",
+    "bias_lr": "FTRL learning rate of the bias slices (the Criteo preset; accumulator 1e-6, beta 1.0)",
+    "clip_norm": "ClipByGlobalNorm bound over dense and embedding gradients",
+    "dense_weight_decay": "decay added to dense gradients after clipping and averaging",
+    "checkpoint_every": "steps between checkpoints (one is also written at the end)",
+    "summary_every": "steps between TensorBoard scalars and gradient summaries",
+    "eval_batch_size": "examples per evaluation and prediction batch",
+    "seed": "seeds the dense initialization and every table's per-id initializer",
+    "strict": "stop at the first malformed data line (file and line named) instead of skipping it",
+    "resume": "continue from the run directory's newest intact checkpoint",
+    "threads": "torch threads per process (0: torch's default)",
+    "dist_timeout_s": "seconds a collective may wait for the other processes",
+    "sharded_tables": "shard embedding rows over the processes instead of replicating them",
+    "skip_nonfinite": "skip and count steps with a NaN/inf loss or gradient instead of stopping",
+    "output": "predict: where scores go (default <run_dir>/predictions.tsv)",
+    "model": "deepfm, dcn_v2, dlrm, wide_deep, or 'package.module:Class' for your own",
+    "fused_embeddings": "train the embeddings on the fused CPU path (one process, CPU tables)",
+    "header": "text files: yes, no, or auto (a header when the first line names the columns)",
+    "delimiter": "text files: the field separator (empty: comma for .csv, else tab)",
+    "features": "TOML only: the [[features]] schema of your data (empty: the Criteo preset)",
+    "model_options": "TOML only: keyword arguments of the model, e.g. [model_options] cross_layers = 2",
+}
 
 
 def _is_int(value) -> bool:
@@ -111,6 +162,14 @@ def _check_int(name: str, value, low: int, high: int) -> None:
 
 def _coerce(name: str, value, default):
     """Converts a TOML or flag value to the type of the field's default."""
+    if name == "features":
+        if not isinstance(value, list | tuple) or not all(isinstance(x, dict) for x in value):
+            raise ConfigError(f"Invalid features: {value!r} (expected a [[features]] list of tables)")
+        return tuple(value)
+    if name == "model_options":
+        if not isinstance(value, dict):
+            raise ConfigError(f"Invalid model_options: {value!r} (expected a [model_options] table)")
+        return dict(value)
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -155,7 +214,7 @@ def load_config(config_file: str | None = None, overrides: dict | None = None) -
         ConfigError: unreadable file, unknown key, bad value.
     """
     defaults = TrainConfig()
-    known = {f.name: getattr(defaults, f.name) for f in fields(TrainConfig) if f.name != "extra"}
+    known = {f.name: getattr(defaults, f.name) for f in fields(TrainConfig)}
     values: dict = {}
     if config_file:
         for key, value in _read_toml(config_file).items():

@@ -39,7 +39,8 @@ __all__ = [
 logger = logging.getLogger("monolith_torch.train.run_dir")
 
 # Settings that shape the model and its tables: a checkpoint only loads into the same shapes.
-MODEL_SETTINGS = ("emb_dim", "seq_len", "hidden", "dense_optimizer", "sharded_tables")
+MODEL_SETTINGS = ("emb_dim", "seq_len", "hidden", "dense_optimizer", "sharded_tables", "model", "model_options",
+                  "features", "fused_embeddings")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,23 +32,17 @@ from monolith_torch.checkpoint import (
     save_checkpoint,
 )
 from monolith_torch.core.fileio import atomic_write, check_target
-from monolith_torch.embedding import entry
 from monolith_torch.embedding import table_state as ts
 from monolith_torch.embedding.factory import HashTableFeatureFactory
 from monolith_torch.step.api import apply_gradients_with_var_optimizer
 from monolith_torch.step.context import NativeContext
 from monolith_torch.step.types import GradClipType
+from monolith_torch.train.build import model_options, run_schema
 from monolith_torch.train.config import ConfigError, TrainConfig
-from monolith_torch.train.data import (
-    Batch,
-    DataError,
-    ReadStats,
-    expand_paths,
-    generate_criteo,
-    read_batches,
-)
+from monolith_torch.train.data import DataError, ReadStats, expand_paths, generate_criteo
 from monolith_torch.train.metrics import StreamingAUC, auc, log_loss
-from monolith_torch.train.model import CtrModel
+from monolith_torch.train.models import build_embeddings, build_model
+from monolith_torch.train.readers import Batch, read_schema_batches
 from monolith_torch.train.run_dir import (
     RunLock,
     RunPaths,
@@ -216,15 +210,16 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
+        self.schema = run_schema(cfg)
         self.factory = HashTableFeatureFactory(seed=cfg.seed, sharded=cfg.sharded_tables)
         self.ctx = NativeContext(feature_factory=self.factory)
-        self.model = CtrModel(
-            self.ctx, emb_dim=cfg.emb_dim, seq_len=cfg.seq_len, hidden=cfg.hidden,
-            vec_optimizer=entry.AdagradOptimizer(learning_rate=cfg.vec_lr, initial_accumulator_value=1.0),
-            bias_optimizer=entry.FtrlOptimizer(learning_rate=cfg.bias_lr, initial_accumulator_value=1e-6, beta=1.0),
-        )
+        self.embeddings = build_embeddings(self.schema, self.factory, fused=cfg.fused_embeddings)
+        # Checkpoints carry the tables and the global step through the factory, once.
+        self.embeddings.state_dict_tables = False
+        self.model = build_model(cfg.model, self.schema, self.embeddings, **model_options(cfg))
         self.optimizer = _dense_optimizer(cfg, self.model)
-        self.global_step = torch.zeros((), dtype=torch.int64)
+        # The run's one global step: the step increments it, the slices' learning rates read it.
+        self.global_step = self.factory.global_step
         self.stats = ReadStats()
         self._stop_signal = 0
         self.last_checkpoint: str | None = None  # the newest checkpoint written or restored
@@ -285,7 +280,7 @@ class Trainer:
         paths = self.train_paths()
         own = 0
         for _ in range(self.cfg.epochs):
-            for batch in read_batches(paths, self.cfg.batch_size, self.stats, self.cfg.strict,
+            for batch in self._read(paths, self.cfg.batch_size, self.stats,
                                       shard=(self.rank, self.world)):
                 own += 1
                 if own > skip:
@@ -479,16 +474,22 @@ class Trainer:
             "seconds": elapsed,
         }
 
+    def _read(self, paths: list[str], batch_size: int, stats: ReadStats, shard=(0, 1)) -> Iterator[Batch]:
+        cfg = self.cfg
+        header = {"auto": None, "yes": True, "no": False}[cfg.header]
+        return read_schema_batches(paths, self.schema, batch_size, stats, cfg.strict, shard=shard, header=header,
+                                   delimiter=cfg.delimiter or None)
+
     def _train_step(self, batch: Batch, writer, step: int):
         summarize = writer is not None and (step + 1) % self.cfg.summary_every == 0
         self.ctx.summary_writer = writer if summarize else None
-        self.factory.lookup(batch.sparse)
+        self.model.train()
         logits = self.model(batch)
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
         # The step checks gradients for NaN/inf before it updates anything (one
         # host sync; in several processes one tiny allreduce, so all ranks agree).
         result = apply_gradients_with_var_optimizer(
-            self.ctx, self.model.columns, self.optimizer, loss,
+            self.ctx, [], self.optimizer, loss,
             clip_type=GradClipType.ClipByGlobalNorm, clip_norm=self.cfg.clip_norm, global_step=self.global_step,
             grads_and_vars_summary=summarize, use_allreduce=self.world > 1,
             dense_weight_decay=self.cfg.dense_weight_decay, model=self.model, skip_nonfinite=True,
@@ -507,8 +508,8 @@ class Trainer:
     @torch.no_grad()
     def _scores(self, paths: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         scores, labels = [], []
-        for batch in read_batches(paths, self.cfg.eval_batch_size, ReadStats(), self.cfg.strict):
-            self.factory.lookup(batch.sparse, training=False)
+        self.model.eval()
+        for batch in self._read(paths, self.cfg.eval_batch_size, ReadStats()):
             scores.append(torch.sigmoid(self.model(batch)))
             labels.append(batch.labels)
         if not scores:
