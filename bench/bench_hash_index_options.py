@@ -38,7 +38,7 @@ import time
 import numpy as np
 import torch
 
-from monolith_torch.embedding.hash_index import HashIndex, _with_torch_rounds
+from monolith_torch.embedding.hash_index import HashIndex, with_torch_rounds
 
 _ODD = 0x5DEECE66D1
 _OURS = "HashIndex CPU: numba kernels (ours)"
@@ -182,7 +182,7 @@ def main() -> None:
     compiled = HashIndex()
     compiled.insert(table_ids)
     options[_OURS] = (_OnNumpy(compiled), compiled.nbytes() / len(compiled))
-    rounds = _with_torch_rounds(HashIndex())
+    rounds = with_torch_rounds(HashIndex())
     rounds.insert(table_ids)
     options["HashIndex torch rounds (ours on CUDA)"] = (_OnNumpy(rounds), rounds.nbytes() / len(rounds))
     options["sorted keys + searchsorted"] = (_OnNumpy(_Sorted(table_ids)), 16.0)

@@ -13,8 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from monolith_torch.embedding import kernels as _hash_kernels
-from monolith_torch.embedding.hash_index import HashIndex, _with_torch_rounds
+from monolith_torch.embedding import kernels
+from monolith_torch.embedding.hash_index import HashIndex, with_torch_rounds
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 EXTREMES = [0, -1, 1, -2, INT64_MIN, INT64_MIN + 1, INT64_MAX, INT64_MAX - 1]
@@ -37,7 +37,7 @@ def make_index(impl: str, **kwargs) -> HashIndex:
     if impl == "compiled":
         return HashIndex(**kwargs)
     if impl == "torch-cpu":
-        return _with_torch_rounds(HashIndex(**kwargs))
+        return with_torch_rounds(HashIndex(**kwargs))
     return HashIndex(device="cuda", **kwargs)
 
 
@@ -48,11 +48,11 @@ def _t(values, impl: str) -> torch.Tensor:
 
 def test_implementation_follows_device():
     assert HashIndex()._kernels is not None
-    assert _with_torch_rounds(HashIndex())._kernels is None
+    assert with_torch_rounds(HashIndex())._kernels is None
     with pytest.raises(RuntimeError, match="empty CPU index"):
         idx = HashIndex()
         idx.insert(torch.tensor([1]))
-        _with_torch_rounds(idx)
+        with_torch_rounds(idx)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -135,7 +135,7 @@ def test_compiled_and_torch_rounds_agree_and_share_the_layout(batches, removals)
     assert torch.equal(rounds.lookup(probe), expected)
     # The compiled kernel over the torch-built table...
     out = torch.empty_like(probe)
-    _hash_kernels.lookup(rounds._keys.numpy(), rounds._slots.numpy(), 64 - rounds._bits, probe.numpy(), out.numpy())
+    kernels.lookup(rounds._keys.numpy(), rounds._slots.numpy(), 64 - rounds._bits, probe.numpy(), out.numpy())
     assert torch.equal(out, expected)
     # ...and the torch rounds over the compiled table.
     out = torch.full_like(probe, -1)
@@ -148,7 +148,7 @@ def test_same_home_bucket_in_both_implementations():
     idx = HashIndex(expected_rows=100_000)
     keys = torch.cat([torch.tensor(EXTREMES), torch.randint(INT64_MIN, INT64_MAX, (2000,))])
     compiled = [
-        _hash_kernels._home_slot(np.int64(k), 64 - idx._bits, np.int64(idx._num_buckets - 1))
+        kernels.home_slot(np.int64(k), 64 - idx._bits, np.int64(idx._num_buckets - 1))
         for k in keys.tolist()
     ]
     assert (idx._home(keys) * 8).tolist() == compiled

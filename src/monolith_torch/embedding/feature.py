@@ -78,8 +78,12 @@ class FeatureSlotConfig:
     """Configuration of one slot, with Monolith's defaults.
 
     Bias slices default to FTRL (``initial_accumulator_value=1e-6, beta=1.0``)
-    over zeros; vector slices to Adagrad (``initial_accumulator_value=1.0``) over
-    a small uniform range. ``expire_time`` is in days.
+    over zeros; vector slices to Adagrad (``initial_accumulator_value=1.0``, no
+    epsilon) over ``RandomUniformInitializer()``'s range. An optimizer built
+    without a ``learning_rate`` trains at ``entry.DEFAULT_LEARNING_RATE`` (0.01),
+    unless the slice's ``learning_rate_fn`` says otherwise. ``expire_time`` is
+    in days (default 36500); ``occurrence_threshold`` 0 gives every id a row at
+    first sight.
     """
 
     name: str | None = None

@@ -31,7 +31,7 @@ import torch
 
 from monolith_torch.core.hashing import INDEX_GOLDEN, INDEX_MUL, signed64
 
-__all__ = ["HashIndex"]
+__all__ = ["HashIndex", "with_torch_rounds"]
 
 _EMPTY = -1
 _REMOVED = -2
@@ -60,14 +60,14 @@ def _cpu_kernels():
     return kernels
 
 
-def _with_torch_rounds(index: HashIndex) -> HashIndex:
+def with_torch_rounds(index: HashIndex) -> HashIndex:
     """Switches an empty CPU ``index`` to the torch implementation (CUDA's).
 
     For tests and benchmarks only: it lets the CUDA code path run, and be
     compared with the compiled one, on a machine without a GPU.
     """
     if len(index) or index.device.type != "cpu":
-        raise RuntimeError("_with_torch_rounds needs an empty CPU index")
+        raise RuntimeError("with_torch_rounds needs an empty CPU index")
     index._kernels = None
     return index
 

@@ -45,7 +45,7 @@ _jit = numba.njit(cache=True, nogil=True)
 
 
 @_jit
-def _home_slot(key, shift, bucket_mask):
+def home_slot(key, shift, bucket_mask):
     # The torch implementation's home bucket, bit for bit: wrapping 64-bit
     # multiplies and arithmetic (sign-extending) shifts.
     x = np.uint64(key) * _MIX
@@ -56,7 +56,7 @@ def _home_slot(key, shift, bucket_mask):
 @_jit
 def _find(tkeys, tslots, key, shift, bucket_mask, slot_mask):
     """Slot position of ``key``, or -1."""
-    pos = _home_slot(key, shift, bucket_mask)
+    pos = home_slot(key, shift, bucket_mask)
     while True:
         s = tslots[pos]
         if s == _EMPTY:
@@ -83,7 +83,7 @@ def lookup(tkeys, tslots, shift, queries, out):
         # below branches on the data and would take them one at a time.
         # Measured: 1.5x faster lookups in a 10M-row table.
         for i in range(g, end):
-            p = _home_slot(queries[i], shift, bucket_mask)
+            p = home_slot(queries[i], shift, bucket_mask)
             pos[i - g] = p
             first_key[i - g] = tkeys[p]
             first_slot[i - g] = tslots[p]
@@ -116,7 +116,7 @@ def place(tkeys, tslots, shift, keys, rows):
         end = min(n, g + _GROUP)
         # As in lookup: read the group's home slots first so the misses overlap.
         for i in range(g, end):
-            p = _home_slot(keys[i], shift, bucket_mask)
+            p = home_slot(keys[i], shift, bucket_mask)
             pos[i - g] = p
             touched += tslots[p]
         for i in range(g, end):

@@ -194,7 +194,8 @@ def apply_gradients_with_var_optimizer(
         feature_columns: columns whose embeddings receive gradients.
         var_opt: the optimizer of the dense parameters.
         loss: a scalar that requires grad.
-        clip_type, clip_norm: Monolith's clipping mode and bound (None: no clip).
+        clip_type, clip_norm: Monolith's clipping mode and bound. The defaults,
+            ``ClipByGlobalNorm`` with ``clip_norm=None``, do not clip at all.
         global_step: a 0-d int64 tensor incremented in place, or None.
         grads_and_vars_summary: write per-variable summaries to ``ctx.summary_writer``.
         use_allreduce: average dense gradients over the process group.
