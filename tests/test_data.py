@@ -1,4 +1,5 @@
-"""Criteo data: generator determinism, hex decoding, TSV/gzip/Parquet readers, malformed lines."""
+"""Criteo data: generator determinism, hex decoding, the Criteo preset through the TSV/gzip/Parquet readers,
+malformed lines."""
 
 from __future__ import annotations
 
@@ -17,12 +18,17 @@ from monolith_torch.train.data import (
     SEQ_FEATURE,
     DataError,
     ReadStats,
-    _decode_hex,
     expand_paths,
     generate_criteo,
-    read_batches,
 )
 from monolith_torch.train.metrics import StreamingAUC, auc, log_loss
+from monolith_torch.train.readers import decode_hex_ids, read_schema_batches
+from monolith_torch.train.schema import criteo_schema
+
+
+def read_criteo(paths, batch_size, stats=None, **kwargs):
+    """The default run's reader: ``read_schema_batches`` with the Criteo preset."""
+    return read_schema_batches(paths, criteo_schema(), batch_size, stats, **kwargs)
 
 
 def _line(label="1", ints=None, cats=None):
@@ -42,7 +48,7 @@ def test_generator_is_deterministic(tmp_path):
 
 def test_decode_hex_matches_python_int():
     values = ["0", "ff", "bec7ff7d", "FFFFFFFFFFFFFFFF", "", "12g4", "1" * 17]
-    ids, present, valid = _decode_hex(pa.array(values))
+    ids, present, valid = decode_hex_ids(pa.array(values))
     assert present.tolist() == [True, True, True, True, False, True, True]
     assert valid.tolist() == [True, True, True, True, True, False, False]
     assert ids[:3].tolist() == [0, 255, int("bec7ff7d", 16)]
@@ -55,7 +61,7 @@ def test_tsv_reader_builds_batches(tmp_path):
     cats_missing = ["" if i % 2 else c for i, c in enumerate(cats)]
     path.write_text("\n".join([_line("1", cats=cats), _line("0", ints=[""] * 13, cats=cats_missing)]) + "\n")
     stats = ReadStats()
-    (batch,) = list(read_batches([str(path)], 8, stats))
+    (batch,) = list(read_criteo([str(path)], 8, stats))
     assert batch.labels.tolist() == [1.0, 0.0]
     assert torch.allclose(batch.dense[0], torch.log1p(torch.arange(13.0)))
     assert batch.dense[1].tolist() == [0.0] * 13
@@ -71,9 +77,9 @@ def test_batches_stream_across_files_and_gzip(tmp_path):
     packed = str(tmp_path / "b.tsv.gz")
     with open(plain, "rb") as src, gzip.open(packed, "wb") as dst:
         dst.write(src.read())
-    sizes = [len(b) for b in read_batches(expand_paths(str(tmp_path / "*.tsv*")), 300)]
+    sizes = [len(b) for b in read_criteo(expand_paths(str(tmp_path / "*.tsv*")), 300)]
     assert sizes == [300, 300, 300, 300, 200]
-    sizes = [len(b) for b in read_batches([plain], 300, drop_remainder=True)]
+    sizes = [len(b) for b in read_criteo([plain], 300, drop_remainder=True)]
     assert sizes == [300, 300]
 
 
@@ -82,8 +88,8 @@ def test_parquet_reader_matches_tsv(tmp_path):
     cols = list(zip(*[line.split("\t") for line in open(tsv).read().splitlines()], strict=True))
     table = pa.table({name: pa.array(list(col)) for name, col in zip(COLUMNS, cols, strict=True)})
     pq.write_table(table, tmp_path / "a.parquet", row_group_size=128)
-    a = list(read_batches([tsv], 150))
-    b = list(read_batches([str(tmp_path / "a.parquet")], 150))
+    a = list(read_criteo([tsv], 150))
+    b = list(read_criteo([str(tmp_path / "a.parquet")], 150))
     assert [len(x) for x in a] == [len(x) for x in b]
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x.labels, y.labels) and torch.equal(x.dense, y.dense)
@@ -97,16 +103,16 @@ def test_malformed_rows_counted_or_fatal(tmp_path):
     lines = [_line(), "1\t2", _line(ints=["x"] + ["1"] * 12), _line(label="7"), _line(cats=["zz"] * 26), _line()]
     path.write_text("\n".join(lines) + "\n")
     stats = ReadStats()
-    batches = list(read_batches([str(path)], 10, stats))
+    batches = list(read_criteo([str(path)], 10, stats))
     assert sum(len(b) for b in batches) == 2
     assert stats.malformed == {
         "wrong column count": 1, "non-numeric integer field": 1, "bad label": 1, "bad hex id": 1,
     }
     with pytest.raises(DataError, match=r"bad\.tsv:2: wrong column count"):
-        list(read_batches([str(path)], 10, strict=True))
+        list(read_criteo([str(path)], 10, strict=True))
     path.write_text("\n".join([lines[0], lines[2]]) + "\n")
     with pytest.raises(DataError, match=r"bad\.tsv:2: non-numeric integer field"):
-        list(read_batches([str(path)], 10, strict=True))
+        list(read_criteo([str(path)], 10, strict=True))
 
 
 @pytest.mark.timeout(120)
@@ -116,7 +122,7 @@ def test_reading_streams_with_memory_well_below_the_file_size(tmp_path):
     path = generate_criteo(str(tmp_path / "big.tsv"), 500_000, seed=8)
     size = os.path.getsize(path)
     peak, rows = 0, 0
-    for batch in read_batches([path], 1024):
+    for batch in read_criteo([path], 1024):
         peak = max(peak, pa.total_allocated_bytes())
         rows += len(batch)
     assert rows == 500_000
@@ -127,7 +133,7 @@ def test_missing_paths_are_errors(tmp_path):
     with pytest.raises(DataError, match="no file matches"):
         expand_paths(str(tmp_path / "nothing*.tsv"))
     with pytest.raises(ValueError, match="batch_size"):
-        list(read_batches([], 0))
+        list(read_criteo([], 0))
 
 
 def test_auc_and_log_loss_against_numpy():
@@ -152,14 +158,14 @@ def test_auc_and_log_loss_against_numpy():
 
 def test_shards_partition_the_rows(tmp_path):
     path = generate_criteo(str(tmp_path / "a.tsv"), 5000, seed=9)
-    whole = torch.cat([b.labels for b in read_batches([path], 700)])
-    parts = [list(read_batches([path], 700, shard=(i, 3))) for i in range(3)]
+    whole = torch.cat([b.labels for b in read_criteo([path], 700)])
+    parts = [list(read_criteo([path], 700, shard=(i, 3))) for i in range(3)]
     assert all(parts), "every shard gets rows"
     assert sum(sum(len(b) for b in p) for p in parts) == 5000
     # Each shard's rows are a contiguous part of every block, in order: together they hold every row once.
     merged = torch.cat([torch.cat([b.dense for b in p]) for p in parts])
-    reference = torch.cat([b.dense for b in read_batches([path], 700)])
+    reference = torch.cat([b.dense for b in read_criteo([path], 700)])
     assert torch.equal(merged.sort(dim=0).values, reference.sort(dim=0).values)
     assert whole.numel() == 5000
     with pytest.raises(ValueError, match="shard"):
-        list(read_batches([path], 10, shard=(3, 3)))
+        list(read_criteo([path], 10, shard=(3, 3)))

@@ -13,6 +13,7 @@ from monolith_torch.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
+from monolith_torch.core.hashing import hash_string_ids
 from monolith_torch.core.ragged import RaggedTensor
 from monolith_torch.distributed.allreduce import AllreduceConfig, allreduce_cond
 from monolith_torch.embedding.combiners import FirstN, ReduceMean, ReduceSum
@@ -77,6 +78,7 @@ __all__ = [
     "embedding_combiners",
     "entry",
     "gen_seq_mask",
+    "hash_string_ids",
     "remove_checkpoint",
     "restore_checkpoint",
     "save_checkpoint",

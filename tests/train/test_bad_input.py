@@ -18,13 +18,13 @@ from monolith_torch.train.data import (
     COLUMNS,
     INT_COLUMNS,
     SEQ_FEATURE,
-    TSV_BLOCK_BYTES,
     DataError,
     ReadStats,
-    _tsv_blocks,
     generate_criteo,
-    read_batches,
 )
+from monolith_torch.train.readers import read_schema_batches
+from monolith_torch.train.schema import criteo_schema
+from monolith_torch.train.text_blocks import TEXT_BLOCK_BYTES, TextFormat, text_blocks
 
 SMALL = ["--batch-size", "256", "--hidden", "8", "--emb-dim", "4", "--eval-batch-size", "512"]
 
@@ -46,9 +46,14 @@ def _write(path, lines: list[bytes]) -> str:
     return str(path)
 
 
+def read_criteo(paths, batch_size, stats=None, **kwargs):
+    """The default run's reader: ``read_schema_batches`` with the Criteo preset."""
+    return read_schema_batches(paths, criteo_schema(), batch_size, stats, **kwargs)
+
+
 def _read(path, strict=False, batch_size=1000):
     stats = ReadStats()
-    batches = list(read_batches([str(path)], batch_size, stats, strict=strict))
+    batches = list(read_criteo([str(path)], batch_size, stats, strict=strict))
     return batches, stats
 
 
@@ -74,7 +79,7 @@ def reference(good_lines, tmp_path_factory):
     """400 generated rows as TSV, and what the reader makes of them."""
     lines = good_lines[:400]
     path = _write(tmp_path_factory.mktemp("ref") / "rows.tsv", lines)
-    return _columns(lines), list(read_batches([path], 150))
+    return _columns(lines), list(read_criteo([path], 150))
 
 
 def _ints_or_none(col):
@@ -116,7 +121,7 @@ def test_parquet_columns_of_every_lossless_type_read_like_tsv(tmp_path, referenc
     path = tmp_path / "typed.parquet"
     pq.write_table(pa.table(data), path, row_group_size=128)
     stats = ReadStats()
-    got = list(read_batches([str(path)], 150, stats))
+    got = list(read_criteo([str(path)], 150, stats))
     assert stats.skipped == 0, stats.malformed
     _assert_same_batches(got, expected)
 
@@ -146,12 +151,13 @@ def test_parquet_values_that_do_not_convert_are_malformed_rows(tmp_path, referen
 def test_blocks_are_the_ones_pyarrows_streaming_reader_makes(tmp_path, good_lines):
     # Data-parallel ranks split every block; the same blocks keep the same split.
     path = _write(tmp_path / "rows.tsv", good_lines * 2)
-    assert os.path.getsize(path) > 3 * TSV_BLOCK_BYTES
+    assert os.path.getsize(path) > 3 * TEXT_BLOCK_BYTES
     streaming = pacsv.open_csv(
-        path, read_options=pacsv.ReadOptions(column_names=COLUMNS, block_size=TSV_BLOCK_BYTES),
+        path, read_options=pacsv.ReadOptions(column_names=COLUMNS, block_size=TEXT_BLOCK_BYTES),
         parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
     )
-    assert [b.table.num_rows for b in _tsv_blocks(path, ReadStats(), False)] == [b.num_rows for b in streaming]
+    fmt = TextFormat("\t", False, tuple(COLUMNS), tuple(COLUMNS))
+    assert [b.table.num_rows for b in text_blocks(path, fmt, ReadStats(), False)] == [b.num_rows for b in streaming]
 
 
 def test_invalid_utf8_is_one_malformed_line(tmp_path, good_lines):
@@ -163,7 +169,7 @@ def test_invalid_utf8_is_one_malformed_line(tmp_path, good_lines):
     batches, stats = _read(path)
     assert sum(len(b) for b in batches) == 19_999
     assert stats.malformed == {"non-numeric integer field": 1}
-    with pytest.raises(DataError, match=r"utf8\.tsv:15001: non-numeric integer field: '\S*\\xff"):
+    with pytest.raises(DataError, match=r"utf8\.tsv:15001: non-numeric integer field \(column 'I1' = '\\xff\S*'\): '\S*\\xff"):
         _read(path, strict=True)
 
 
@@ -181,7 +187,7 @@ def test_a_10_mb_line_is_one_malformed_line(tmp_path, good_lines):
 
 def test_a_long_last_line_without_newline(tmp_path, good_lines):
     path = tmp_path / "tail.tsv"
-    path.write_bytes(b"\n".join(good_lines[:10]) + b"\n" + b"y" * (3 * TSV_BLOCK_BYTES))
+    path.write_bytes(b"\n".join(good_lines[:10]) + b"\n" + b"y" * (3 * TEXT_BLOCK_BYTES))
     batches, stats = _read(path)
     assert sum(len(b) for b in batches) == 10 and stats.malformed == {"line too long": 1}
 
@@ -215,7 +221,7 @@ def test_strict_line_numbers_count_empty_lines(tmp_path, good_lines):
 def test_binary_garbage_is_counted_not_a_traceback(tmp_path, capsys):
     rng = np.random.default_rng(0)
     garbage = tmp_path / "garbage.bin"
-    garbage.write_bytes(rng.integers(0, 256, 3 * TSV_BLOCK_BYTES, dtype=np.uint8).tobytes())
+    garbage.write_bytes(rng.integers(0, 256, 3 * TEXT_BLOCK_BYTES, dtype=np.uint8).tobytes())
     batches, stats = _read(garbage)
     assert batches == [] and stats.skipped > 0
     assert set(stats.malformed) <= {"wrong column count", "line too long"}

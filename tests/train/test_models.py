@@ -1,5 +1,6 @@
-"""The model zoo: each model learns a small synthetic schema's signal; DeepFM reproduces ``CtrModel``
-exactly; ``build_model`` loads built-in and user models and names bad options."""
+"""The model zoo: each model learns a small synthetic schema's signal; DeepFM over the Criteo preset is,
+bit for bit, the same model written against Monolith's slot API; ``build_model`` loads built-in and user
+models and names bad options."""
 
 from __future__ import annotations
 
@@ -12,16 +13,27 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from monolith_torch.core.ragged import RaggedTensor
+from monolith_torch.embedding import entry
+from monolith_torch.embedding.combiners import FirstN
 from monolith_torch.embedding.factory import HashTableFeatureFactory
+from monolith_torch.embedding.feature import FeatureColumn, FeatureSlotConfig
+from monolith_torch.embedding.seq_mask import gen_seq_mask
 from monolith_torch.step.api import apply_gradients_with_var_optimizer
 from monolith_torch.step.context import NativeContext
 from monolith_torch.step.types import GradClipType
 from monolith_torch.train.config import ConfigError
-from monolith_torch.train.data import generate_criteo, read_batches
-from monolith_torch.train.model import CtrModel
-from monolith_torch.train.models import MODELS, DeepFM, build_embeddings, build_model, resolve_model
+from monolith_torch.train.data import CAT_COLUMNS, NUM_INT, SEQ_FEATURE, generate_criteo
+from monolith_torch.train.models import (
+    MODELS,
+    DeepFM,
+    build_embeddings,
+    build_model,
+    mlp,
+    resolve_model,
+)
 from monolith_torch.train.readers import read_schema_batches
 from monolith_torch.train.schema import criteo_schema, load_schema
 
@@ -110,13 +122,50 @@ def test_models_train_through_monolith_step_too(synthetic):
     assert int(step) == 40 and losses[-1] < 0.8 * losses[0]
 
 
-def test_deepfm_is_ctr_model_exactly(tmp_path):
-    """Same seed, same batches, same step: DeepFM over criteo_schema gives CtrModel's numbers bit for bit."""
+class _SlotApiDeepFM(nn.Module):
+    """The default run's DeepFM written against Monolith's slot API (``create_feature_slot``, ``FeatureColumn``,
+    ``factory.lookup``): the model the trainer ran before the zoo, kept here as an independent implementation."""
+
+    def __init__(self, ctx: NativeContext, emb_dim: int, seq_len: int, hidden):
+        super().__init__()
+        self.seq_len = seq_len
+        self.columns, self._vec_slices, self._bias_slices = [], [], []
+        vec_optimizer = entry.AdagradOptimizer(learning_rate=0.05, initial_accumulator_value=1.0)
+        bias_optimizer = entry.FtrlOptimizer(learning_rate=0.05, initial_accumulator_value=1e-6, beta=1.0)
+        for slot_id, name in enumerate([*CAT_COLUMNS, SEQ_FEATURE], start=1):
+            slot = ctx.create_feature_slot(FeatureSlotConfig(
+                name=name, slot_id=slot_id, has_bias=True, bias_optimizer=bias_optimizer,
+                default_vec_optimizer=vec_optimizer, default_vec_initializer=entry.RandomUniformInitializer(-0.05, 0.05),
+            ))
+            self._vec_slices.append(slot.add_feature_slice(emb_dim))
+            self.columns.append(FeatureColumn(slot, name, FirstN(seq_len) if name == SEQ_FEATURE else None))
+            self._bias_slices.append(slot.get_bias_slice())
+        self.bottom = mlp([NUM_INT, 64, emb_dim])
+        self.top = mlp([(len(CAT_COLUMNS) + 2) * emb_dim, *hidden, 1])
+
+    def forward(self, batch) -> torch.Tensor:
+        fields, wide = [self.bottom(batch.dense)], []
+        for fc, vec, bias in zip(self.columns, self._vec_slices, self._bias_slices, strict=True):
+            emb, b = fc.embedding_lookup(vec), fc.embedding_lookup(bias)
+            if fc.feature_name == SEQ_FEATURE:
+                mask = gen_seq_mask(batch.sparse[SEQ_FEATURE].row_splits, self.seq_len, validate=False)
+                mask = mask.to(emb.dtype).unsqueeze(-1)
+                denom = mask.sum(1).clamp_min(1.0)
+                emb, b = (emb * mask).sum(1) / denom, (b * mask).sum(1) / denom
+            fields.append(emb)
+            wide.append(b)
+        stacked = torch.stack(fields, dim=1)  # [B, F, D]
+        fm = 0.5 * (stacked.sum(1).pow(2) - stacked.pow(2).sum(1)).sum(-1)
+        return self.top(stacked.flatten(1)).squeeze(-1) + fm + torch.cat(wide, dim=1).sum(1)
+
+
+def test_deepfm_is_the_slot_api_model_exactly(tmp_path):
+    """Same seed, same batches, same step: DeepFM over criteo_schema gives the slot-API model's numbers bit for bit."""
     path = generate_criteo(str(tmp_path / "c.tsv"), 1200, seed=2)
     torch.manual_seed(0)
     factory = HashTableFeatureFactory(seed=0)
     ctx_old = NativeContext(feature_factory=factory)
-    old = CtrModel(ctx_old, emb_dim=8, seq_len=4, hidden=(32, 16))
+    old = _SlotApiDeepFM(ctx_old, emb_dim=8, seq_len=4, hidden=(32, 16))
     torch.manual_seed(0)
     schema = criteo_schema(emb_dim=8, seq_len=4)
     new = build_model("deepfm", schema, build_embeddings(schema, seed=0, fused=False), hidden=(32, 16))
@@ -128,7 +177,7 @@ def test_deepfm_is_ctr_model_exactly(tmp_path):
     opt_old = torch.optim.Adam(old.parameters(), lr=1e-3)
     opt_new = torch.optim.Adam(new.parameters(), lr=1e-3)
     steps = [torch.zeros((), dtype=torch.int64) for _ in range(2)]
-    pairs = zip(read_batches([path], 200), read_schema_batches([path], schema, 200), strict=True)
+    pairs = zip(read_schema_batches([path], schema, 200), read_schema_batches([path], schema, 200), strict=True)
     for a, b in pairs:
         factory.lookup(a.sparse)
         logits_old, logits_new = old(a), new(b)

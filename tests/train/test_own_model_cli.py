@@ -66,7 +66,7 @@ def _write_csv(path, rng, rows):
     tags = rng.integers(0, 20, (rows, 2))
     clicked = ((users % 2 == 0) ^ (rng.random(rows) < 0.1)).astype(int)
     lines = ["clicked,price,user,tags"]
-    lines += [f"{c},{p:.2f},u{u},{a}|{b}" for c, p, u, (a, b) in zip(clicked, rng.random(rows) * 100, users, tags)]
+    lines += [f"{c},{p:.2f},u{u},{a}|{b}" for c, p, u, (a, b) in zip(clicked, rng.random(rows) * 100, users, tags, strict=True)]
     path.write_text("\n".join(lines) + "\n")
 
 

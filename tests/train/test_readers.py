@@ -1,5 +1,5 @@
 """Schema readers: every kind from CSV/TSV (header or not, plain or gzip) and Parquet; the Criteo preset
-reads exactly what ``train.data.read_batches`` reads; malformed rows are counted and skipped, or fatal."""
+reads TSV, gzip and Parquet alike; malformed rows are counted and skipped, or fatal."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from monolith_torch.train.data import COLUMNS, DataError, ReadStats, generate_criteo, read_batches
-from monolith_torch.train.hashing import fold_ids, hash_string_ids
+from monolith_torch.core.hashing import fold_ids, hash_string_ids
+from monolith_torch.train import text_blocks
+from monolith_torch.train.data import COLUMNS, DataError, ReadStats, generate_criteo
 from monolith_torch.train.readers import read_schema_batches
 from monolith_torch.train.schema import criteo_schema, load_schema
 
@@ -184,6 +185,18 @@ def test_wrong_column_counts_are_counted_and_named_by_line(tmp_path):
         list(read_schema_batches([str(path)], load_schema(FEATURES), 10, strict=True))
 
 
+def test_a_lone_carriage_return_is_one_bad_line_and_a_quoted_one_is_data(tmp_path):
+    schema = load_schema([{"name": "label", "kind": "label"}, {"name": "u", "kind": "categorical"}])
+    path = tmp_path / "cr.csv"
+    path.write_bytes(b'label,u\n1,a\n0,b\r1,c\n1,"x\ry"\n0,d,e\n0,z\n')
+    stats = ReadStats()
+    (batch,) = read_schema_batches([str(path)], schema, 10, stats)
+    assert stats.malformed == {"wrong column count": 2}
+    assert batch.sparse["u"].values.tolist() == _ids("a", "x\ry", "z")
+    with pytest.raises(DataError, match=rf"^{path}:3: wrong column count \(expected 2\): '0,b\\r1,c'$"):
+        list(read_schema_batches([str(path)], schema, 10, strict=True))
+
+
 def test_a_bad_value_after_empty_lines_names_its_own_line(tmp_path):
     path = tmp_path / "d.tsv"
     lines = ["\t".join(HEADER), "", "\t".join(ROWS[0]), "", "\r", "\t".join(BAD[0][0])]
@@ -254,34 +267,62 @@ def criteo_files(tmp_path_factory):
     return [tsv, str(bad), str(root / "c.parquet")]
 
 
+def _rows(batches) -> dict[str, torch.Tensor]:
+    """Every row of ``batches``, whatever their sizes: labels, dense, each feature's ids and lengths."""
+    rows = {"labels": torch.cat([b.labels for b in batches]), "dense": torch.cat([b.dense for b in batches])}
+    for name in batches[0].sparse:
+        rows[name] = torch.cat([b.sparse[name].values for b in batches])
+        rows[f"{name} lengths"] = torch.cat([b.sparse[name].row_lengths() for b in batches])
+    return rows
+
+
+def test_criteo_preset_reads_tsv_gzip_and_parquet_alike(criteo_files):
+    tsv, bad, parquet = criteo_files
+    stats = {path: ReadStats() for path in criteo_files}
+    got = {path: list(read_schema_batches([path], criteo_schema(), 300, stats[path])) for path in criteo_files}
+    _same_batches(got[tsv], got[parquet])
+    assert stats[tsv].summary() == stats[parquet].summary() == "2500 rows read, no malformed lines"
+    assert stats[bad].malformed == {"non-numeric integer field": 1, "wrong column count": 1, "bad hex id": 1,
+                                    "bad label": 1}
+    # The bad file's good rows are the clean file's rows without the four broken lines.
+    keep = torch.ones(2500, dtype=torch.bool)
+    keep[[3, 10, 20, 30]] = False
+    clean, dirty = _rows(got[tsv]), _rows(got[bad])
+    for key in ("labels", "dense", *(f"{name} lengths" for name in got[tsv][0].sparse)):
+        assert torch.equal(clean[key][keep], dirty[key]), key
+    for name in got[tsv][0].sparse:
+        lengths = clean[f"{name} lengths"]
+        row_of_id = torch.repeat_interleave(torch.arange(2500), lengths)
+        assert torch.equal(clean[name][keep[row_of_id]], dirty[name]), name
+
+
 @pytest.mark.parametrize("which", [0, 1, 2])
-@pytest.mark.parametrize("shard", [(0, 1), (1, 3)])
-def test_criteo_preset_reads_what_the_criteo_reader_reads(criteo_files, which, shard):
+def test_criteo_preset_shards_split_every_file(criteo_files, which):
     path = criteo_files[which]
-    old_stats, new_stats = ReadStats(), ReadStats()
-    old = list(read_batches([path], 300, old_stats, shard=shard))
-    new = list(read_schema_batches([path], criteo_schema(), 300, new_stats, shard=shard))
-    _same_batches(old, new)
-    assert old_stats.summary() == new_stats.summary()
-    if which == 1 and shard == (0, 1):
-        assert new_stats.skipped == 4
+    whole_stats, shard_stats = ReadStats(), [ReadStats() for _ in range(3)]
+    whole = _rows(list(read_schema_batches([path], criteo_schema(), 300, whole_stats)))
+    parts = [_rows(list(read_schema_batches([path], criteo_schema(), 300, s, shard=(i, 3))))
+             for i, s in enumerate(shard_stats)]
+    assert all(len(p["labels"]) for p in parts), "every shard gets rows"
+    assert sum(s.rows for s in shard_stats) == whole_stats.rows
+    for reason, count in whole_stats.malformed.items():
+        counts = [s.malformed.get(reason, 0) for s in shard_stats]
+        # A line of the wrong shape is dropped before its block is split, so every shard counts it.
+        assert counts == [count] * 3 if reason == "wrong column count" else sum(counts) == count, reason
+    merged = torch.cat([p["dense"] for p in parts])
+    assert torch.equal(merged.sort(dim=0).values, whole["dense"].sort(dim=0).values)
 
 
-def test_criteo_preset_strict_error_is_the_criteo_readers(criteo_files):
-    messages = []
-    for read in (lambda p: read_batches(p, 300, strict=True),
-                 lambda p: read_schema_batches(p, criteo_schema(), 300, strict=True)):
-        with pytest.raises(DataError) as err:
-            list(read([criteo_files[1]]))
-        messages.append(str(err.value))
-    assert messages[0] == messages[1]
+def test_criteo_preset_strict_error_names_the_first_bad_line(criteo_files):
+    # The wrong column count on line 11 is found as its block is split, before values are parsed.
+    with pytest.raises(DataError) as err:
+        list(read_schema_batches([criteo_files[1]], criteo_schema(), 300, strict=True))
+    assert str(err.value) == f"{criteo_files[1]}:11: wrong column count (expected 40): '1\\t2'"
 
 
 def test_small_blocks_long_lines_and_line_numbers_across_blocks(tmp_path, monkeypatch):
-    from monolith_torch.train import readers
-
-    monkeypatch.setattr(readers, "TEXT_BLOCK_BYTES", 64)
-    monkeypatch.setattr(readers, "MAX_LINE_BYTES", 64)
+    monkeypatch.setattr(text_blocks, "TEXT_BLOCK_BYTES", 64)
+    monkeypatch.setattr(text_blocks, "MAX_LINE_BYTES", 64)
     features = [{"name": "label", "kind": "label"}, {"name": "u", "kind": "categorical", "dtype": "int"}]
     lines = ["label,u"] + [f"{i % 2},{i}" for i in range(40)]
     lines[20] = "1," + "9" * 300  # longer than a block and a half: skipped as it streams past

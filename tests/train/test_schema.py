@@ -11,12 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from monolith_torch.core.hashing import fold_ids, hash_string_ids
 from monolith_torch.embedding import entry
 from monolith_torch.embedding.combiners import FirstN, ReduceMean, ReduceSum
 from monolith_torch.embedding.module import HashEmbeddingBagCollection
 from monolith_torch.train.config import ConfigError
 from monolith_torch.train.datasets import movielens_features
-from monolith_torch.train.hashing import fold_ids, hash_string_ids
 from monolith_torch.train.schema import (
     DEFAULT_BIAS_OPTIMIZER,
     DEFAULT_VEC_INITIALIZER,

@@ -1,12 +1,13 @@
 """Readers for any schema: CSV/TSV (with or without a header, plain or compressed) and Parquet, streamed.
 
 ``read_schema_batches`` turns files into ``Batch``es of the columns a
-``Schema`` names. Text files are read in blocks of whole lines of about
-1 MiB (``TEXT_BLOCK_BYTES``), each parsed by pyarrow's CSV parser into byte
-columns (only the columns the schema reads are kept); Parquet through
-``ParquetFile.iter_batches``. Memory stays at a few blocks whatever the file
-holds, and every value is converted by vectorized Arrow/numpy steps over a
-whole block, never a Python loop over rows.
+``Schema`` names; it is the one reader (the default run's Criteo files are
+read with the preset ``criteo_schema()``). Text files are read in blocks of
+whole lines of about 1 MiB (``train.text_blocks``), each parsed by pyarrow's
+CSV parser into byte columns (only the columns the schema reads are kept);
+Parquet through ``ParquetFile.iter_batches``. Memory stays at a few blocks
+whatever the file holds, and every value is converted by vectorized
+Arrow/numpy steps over a whole block, never a Python loop over rows.
 
 Text format: the delimiter defaults to ``,`` for ``.csv`` files (also
 ``.csv.gz`` and other compressed forms) and to a tab otherwise. CSV fields
@@ -30,40 +31,34 @@ binary, dictionary-encoded, and lists for multi/sequence):
 - timestamp: an integer (Parquet timestamps and dates: seconds since the epoch).
 
 A row holding a value that does not fit its kind, or a line with the wrong
-number of fields or longer than ``MAX_LINE_BYTES``, is malformed: counted in
-``ReadStats`` by reason and skipped, or with ``strict=True`` the first one
-raises ``DataError`` naming the file and line (Parquet: the row), the column
-and the value. Text quoted from the data is escaped (``core.fileio.printable``).
+number of fields or longer than ``text_blocks.MAX_LINE_BYTES``, is
+malformed: counted in ``ReadStats`` by reason and skipped, or with
+``strict=True`` the first one raises ``DataError`` naming the file and line
+(Parquet: the row), the column and the value. Text quoted from the data is escaped (``core.fileio.printable``).
 """
 
 from __future__ import annotations
 
-import csv
 import functools
 import os
-import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import torch
 
 from monolith_torch.core.fileio import printable
+from monolith_torch.core.hashing import fold_ids, hash_string_ids
 from monolith_torch.core.ragged import RaggedTensor
 from monolith_torch.train.data import DataError, ReadStats
-from monolith_torch.train.hashing import fold_ids, hash_string_ids
 from monolith_torch.train.schema import FeatureSpec, Schema
+from monolith_torch.train.text_blocks import Block, TextFormat, default_delimiter, text_blocks
 
-__all__ = ["Batch", "TEXT_BLOCK_BYTES", "MAX_LINE_BYTES", "decode_hex_ids", "read_schema_batches"]
+__all__ = ["Batch", "decode_hex_ids", "read_schema_batches"]
 
-TEXT_BLOCK_BYTES = 1 << 20
-# A line that does not end within a block and a half is malformed ("line too long").
-MAX_LINE_BYTES = TEXT_BLOCK_BYTES
-_COMPRESSED = (".gz", ".bz2", ".zst", ".lz4", ".br")
 _INT_RE = r"^-?[0-9]{1,18}$"
 _FLOAT_RE = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
 _INT64_MAX = np.iinfo(np.int64).max
@@ -389,171 +384,7 @@ def _parse_rows(table, schema: Schema) -> tuple[_Parsed, np.ndarray, list[str], 
     return _Parsed(labels, dense, timestamps, sparse), bad, reasons, where
 
 
-# ---------------------------------------------------------------- blocks of a file
-
-
-@dataclass
-class _Block:
-    """Rows of one file, and where to find row ``i`` of them for a message (the error path only)."""
-
-    table: pa.Table | pa.RecordBatch
-    locate: Callable[[int], tuple[str, str]]  # row -> ("file:line" or "file (row N)", printable row text)
-
-
-@dataclass(frozen=True)
-class _TextFormat:
-    delimiter: str
-    header: bool | None
-    names: tuple[str, ...]  # the columns of a headerless file
-    needed: tuple[str, ...]
-
-
-def _line_chunks(path: str, stats: ReadStats, strict: bool) -> Iterator[tuple[bytes, int]]:
-    """(chunk of whole lines, number of its first line): each read of ``TEXT_BLOCK_BYTES`` up to its last newline.
-
-    A line that does not end within two reads is skipped as "line too long" as it streams past.
-    """
-    with pa.input_stream(path) as stream:  # decompresses by extension (.gz, .bz2, ...)
-        rest, line, skipping = b"", 1, False
-        while data := stream.read(TEXT_BLOCK_BYTES):
-            if skipping:
-                end = data.find(b"\n")
-                if end < 0:
-                    continue
-                data, line, skipping = data[end + 1 :], line + 1, False
-            buf = rest + data if rest else data
-            cut = buf.rfind(b"\n") + 1
-            if cut == 0:
-                if len(buf) > MAX_LINE_BYTES:
-                    if strict:
-                        raise DataError(f"{path}:{line}: line too long (more than {MAX_LINE_BYTES} bytes)")
-                    stats.add("line too long")
-                    buf, skipping = b"", True
-                rest = buf
-                continue
-            yield buf[:cut], line
-            line += buf.count(b"\n", 0, cut)
-            rest = buf[cut:]
-        if rest and not skipping:
-            yield rest, line
-
-
-_ROW_BREAK = re.compile(rb"\r\n|\n|\r")
-
-
-def _row_lines(chunk: bytes, first_line: int) -> list[tuple[int, bytes]]:
-    """(line number, text) of each row pyarrow sees in ``chunk``: non-empty, ended by \\n, \\r\\n or \\r."""
-    out, pos = [], 0
-    for m in [*_ROW_BREAK.finditer(chunk), None]:
-        end = len(chunk) if m is None else m.start()
-        if end > pos:
-            out.append((first_line + chunk.count(b"\n", 0, pos), chunk[pos:end]))
-        if m is None:
-            break
-        pos = m.end()
-    return out
-
-
-def _split_fields(line: bytes, delimiter: str) -> list[str]:
-    """The fields of one (header) line; CSV quoting as pyarrow reads it."""
-    text = line.decode("utf-8")
-    if delimiter != ",":
-        return text.split(delimiter)
-    return next(csv.reader([text], delimiter=delimiter, quotechar='"'), [])
-
-
-def _settle_header(path: str, chunk: bytes, fmt: _TextFormat) -> tuple[tuple[str, ...], bytes, int]:
-    """The file's column names, the chunk without its header line, and how many lines that took."""
-    if fmt.header is False:
-        return fmt.names, chunk, 0
-    end = chunk.find(b"\n")
-    first = (chunk if end < 0 else chunk[:end]).rstrip(b"\r")
-    try:
-        fields = _split_fields(first, fmt.delimiter) if first else []
-    except (csv.Error, UnicodeDecodeError):
-        fields = []
-    is_header = fmt.header is True or (fields and all(c in fields for c in fmt.needed))
-    if not is_header:
-        return fmt.names, chunk, 0
-    missing = [c for c in fmt.needed if c not in fields]
-    if missing:
-        raise DataError(f"{path}: the header lacks columns {missing[:5]} (it has {printable(str(fields[:10]), 200)})")
-    if len(set(fields)) != len(fields):
-        raise DataError(f"{path}: the header names a column twice ({printable(str(fields[:10]), 200)})")
-    return tuple(fields), (b"" if end < 0 else chunk[end + 1 :]), 1
-
-
-def _read_text(chunk: bytes, names: Sequence[str], fmt: _TextFormat) -> pa.Table:
-    return pacsv.read_csv(
-        pa.py_buffer(chunk),
-        read_options=pacsv.ReadOptions(column_names=list(names), block_size=1 << 30, use_threads=False),
-        parse_options=pacsv.ParseOptions(delimiter=fmt.delimiter, quote_char='"' if fmt.delimiter == "," else False),
-        # Bytes, not strings: no value can fail a block; the field parsers reject what does not fit.
-        convert_options=pacsv.ConvertOptions(column_types={c: pa.binary() for c in fmt.needed},
-                                             include_columns=list(fmt.needed), strings_can_be_null=False,
-                                             quoted_strings_can_be_null=False),
-    )
-
-
-def _field_count(line: bytes, delimiter: str) -> int:
-    if delimiter != ",":
-        return line.count(delimiter.encode()) + 1
-    return len(next(csv.reader([line.decode("utf-8", "replace")], delimiter=",", quotechar='"'), []))
-
-
-def _parse_text_block(path: str, chunk: bytes, first_line: int, names: Sequence[str], fmt: _TextFormat,
-                      stats: ReadStats, strict: bool) -> _Block | None:
-    """The rows of a chunk of whole lines; lines with the wrong number of fields are counted and dropped.
-
-    pyarrow parses the chunk in one call; only a chunk it refuses (a line of
-    the wrong shape) takes the slow path over its lines, which never decodes
-    them (invalid UTF-8 is a malformed value, found later, not an error here).
-    """
-    try:
-        table = _read_text(chunk, names, fmt)
-        return _Block(table, functools.partial(_text_locate, path, chunk, first_line)) if table.num_rows else None
-    except pa.ArrowInvalid:
-        pass
-    keep: list[bytes] = []
-    numbers: list[int] = []
-    for line, text in _row_lines(chunk, first_line):
-        if _field_count(text, fmt.delimiter) != len(names):
-            if strict:
-                raise DataError(f"{path}:{line}: wrong column count (expected {len(names)}): "
-                                f"'{printable(text, 120)}'")
-            stats.add("wrong column count")
-            continue
-        keep.append(text)
-        numbers.append(line)
-    if not keep:
-        return None
-    try:
-        table = _read_text(b"\n".join(keep) + b"\n", names, fmt)
-    except pa.ArrowInvalid as err:
-        raise DataError(f"{path}:{first_line}: cannot parse ({printable(str(err), 200)})") from None
-    return _Block(table, functools.partial(_kept_locate, path, keep, numbers))
-
-
-def _text_locate(path: str, chunk: bytes, first_line: int, row: int) -> tuple[str, str]:
-    line, text = _row_lines(chunk, first_line)[row]
-    return f"{path}:{line}", printable(text, 120)
-
-
-def _kept_locate(path: str, keep: list[bytes], numbers: list[int], row: int) -> tuple[str, str]:
-    return f"{path}:{numbers[row]}", printable(keep[row], 120)
-
-
-def _text_blocks(path: str, fmt: _TextFormat, stats: ReadStats, strict: bool) -> Iterator[_Block]:
-    names = None
-    for chunk, line in _line_chunks(path, stats, strict):
-        if names is None:
-            names, chunk, used = _settle_header(path, chunk, fmt)
-            line += used
-            if not chunk:
-                continue
-        block = _parse_text_block(path, chunk, line, names, fmt, stats, strict)
-        if block is not None:
-            yield block
+# ---------------------------------------------------------------- Parquet blocks (text: train.text_blocks)
 
 
 def _parquet_locate(path: str, table, columns: Sequence[str], rows_before: int, row: int) -> tuple[str, str]:
@@ -564,7 +395,7 @@ def _parquet_locate(path: str, table, columns: Sequence[str], rows_before: int, 
     return f"{path} (row {rows_before + row + 1})", printable(values, 120)
 
 
-def _parquet_blocks(path: str, needed: Sequence[str], batch_size: int) -> Iterator[_Block]:
+def _parquet_blocks(path: str, needed: Sequence[str], batch_size: int) -> Iterator[Block]:
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
@@ -574,16 +405,8 @@ def _parquet_blocks(path: str, needed: Sequence[str], batch_size: int) -> Iterat
         raise DataError(f"{path}: Parquet file lacks columns {missing[:5]}")
     rows_before = 0
     for record_batch in pf.iter_batches(batch_size=batch_size, columns=list(needed)):
-        yield _Block(record_batch, functools.partial(_parquet_locate, path, record_batch, needed, rows_before))
+        yield Block(record_batch, functools.partial(_parquet_locate, path, record_batch, needed, rows_before))
         rows_before += record_batch.num_rows
-
-
-def _default_delimiter(path: str) -> str:
-    name = path.lower()
-    for ext in _COMPRESSED:
-        if name.endswith(ext):
-            name = name[: -len(ext)]
-    return "," if name.endswith(".csv") else "\t"
 
 
 def _is_parquet(path: str) -> bool:
@@ -593,7 +416,7 @@ def _is_parquet(path: str) -> bool:
 # ---------------------------------------------------------------- batches
 
 
-def _good_rows(block: _Block, lo: int, hi: int, schema: Schema, stats: ReadStats, strict: bool) -> _Parsed:
+def _good_rows(block: Block, lo: int, hi: int, schema: Schema, stats: ReadStats, strict: bool) -> _Parsed:
     """Rows ``lo:hi`` of ``block`` parsed; malformed ones counted and dropped, or fatal under ``strict``."""
     table = block.table.slice(lo, hi - lo) if (lo, hi) != (0, block.table.num_rows) else block.table
     parsed, bad, reasons, where = _parse_rows(table, schema)
@@ -654,9 +477,9 @@ def read_schema_batches(
         stats: filled with row and malformed-line counts (of this shard's rows).
         strict: raise ``DataError`` (file and line, column, value) on the first malformed row.
         shard: ``(index, count)``: of every raw block of input rows keep and
-            parse only the ``index``-th of ``count`` contiguous parts (data
-            parallel workers share the parsing; ``train.data.read_batches`` splits
-            the same way).
+            parse only the ``index``-th of ``count`` contiguous parts, so
+            data-parallel workers share the parsing instead of each parsing
+            everything (a zero-copy slice of the Arrow block).
         header: text files: True, the first line names the columns; False,
             they are ``schema.columns``; None, a header when the first line
             names every column the schema reads.
@@ -684,8 +507,8 @@ def read_schema_batches(
         if _is_parquet(path):
             blocks = _parquet_blocks(path, needed, batch_size)
         else:
-            fmt = _TextFormat(delimiter or _default_delimiter(path), header, schema.columns, needed)
-            blocks = _text_blocks(path, fmt, stats, strict)
+            fmt = TextFormat(delimiter or default_delimiter(path), header, schema.columns, needed)
+            blocks = text_blocks(path, fmt, stats, strict)
         try:
             for block in blocks:
                 n = block.table.num_rows

@@ -62,9 +62,10 @@ that names a type fills its unset fields from that type's defaults in
 accumulator 1e-6, beta 1.0; SGD, momentum, RMSProp: lr 0.05; Adam: lr 0.001,
 Monolith's beta2 0.99 and epsilon 0.01), never from another type's.
 
-String ids are hashed with ``hash_string_ids`` (XXH64 of the UTF-8 bytes,
-seed 0, as int64; ``train/hashing.py``); ``int`` ids are the integers
-themselves and ``hex`` ids are hexadecimal text of up to 16 digits (Criteo).
+String ids are hashed with ``monolith_torch.hash_string_ids`` (XXH64 of the
+UTF-8 bytes, seed 0, as int64; defined in ``core/hashing.py``); ``int`` ids
+are the integers themselves and ``hex`` ids are hexadecimal text of up to 16
+digits (Criteo).
 
 ``criteo_schema`` is the built-in preset of the default run: today's
 Criteo layout, feature for feature.
@@ -610,7 +611,7 @@ def criteo_schema(emb_dim: int = DEFAULT_DIM, seq_len: int = DEFAULT_SEQ_LENGTH,
     ``C14..C26`` in order, read with ``FirstN(seq_len)`` (slot 27). Every slot
     has a bias slice (FTRL: ``bias_lr``, initial accumulator 1e-6, beta 1.0,
     zeros) and a vector slice of ``emb_dim`` (Adagrad: ``vec_lr``, initial
-    accumulator 1.0, ``RandomUniform(-0.05, 0.05)``), as ``train.model.CtrModel``.
+    accumulator 1.0, ``RandomUniform(-0.05, 0.05)``): the default run's tables.
     """
     table = {
         "dim": emb_dim,

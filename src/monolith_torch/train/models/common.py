@@ -76,7 +76,7 @@ class FieldReader:
         """(vectors [B, D_f] per feature, biases [B, 1] of the features that have one) from ``embeddings(batch.sparse)``.
 
         A sequence's rows are averaged over its valid positions (an empty
-        sequence gives zeros), as ``train.model.CtrModel`` does.
+        sequence gives zeros).
         """
         vecs, biases = [], []
         for name, seq_len, bias, vec in self._layout:
@@ -86,8 +86,8 @@ class FieldReader:
                 mask = gen_seq_mask(batch.sparse[name].row_splits, seq_len, validate=False)
                 mask = mask.to(row.dtype).unsqueeze(-1)
                 denom = mask.sum(1).clamp_min(1.0)
-                # Per slice, as CtrModel: a reduction over a [B, L, D] block rounds
-                # differently from one over the whole [B, L, 1 + D] row.
+                # Per slice, as the default run always has: a reduction over a [B, L, D]
+                # block rounds differently from one over the whole [B, L, 1 + D] row.
                 parts = [(p * mask).sum(1) / denom for p in parts]
             vecs.append(parts[0])
             if bias is not None:

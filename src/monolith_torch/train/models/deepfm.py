@@ -1,4 +1,4 @@
-"""DeepFM (Guo et al., 2017) over hash-table embeddings: the default model, ``train.model.CtrModel``'s math.
+"""DeepFM (Guo et al., 2017) over hash-table embeddings: the default run's model.
 
 Fields: a bottom MLP maps the dense features to one D-wide field; each id
 feature is one field (its vector slice; a sequence is the masked mean of
@@ -25,7 +25,7 @@ __all__ = ["DeepFM"]
 
 
 class DeepFM(nn.Module):
-    """DeepFM; with ``criteo_schema()`` it computes exactly what ``CtrModel`` does, parameter for parameter.
+    """DeepFM; with ``criteo_schema()`` the default run's model (bit for bit the former ``CtrModel``).
 
     Args:
         schema: the input schema; every id feature's table needs the same vector width D.
