@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+import monolith_torch
 from monolith_torch.checkpoint import CheckpointError, restore_checkpoint, save_checkpoint
 from monolith_torch.core.ragged import RaggedTensor
 from monolith_torch.embedding import entry
@@ -20,7 +21,7 @@ from monolith_torch.embedding.feature import FeatureColumn, FeatureSlotConfig
 from monolith_torch.step.async_functions import AsyncFunctionMgr
 from monolith_torch.step.context import NativeContext
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(monolith_torch.__file__)))
 
 
 def _build(seed=0):
