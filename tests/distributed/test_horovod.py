@@ -64,7 +64,7 @@ def _worker(out: Path) -> None:
     import horovod.torch as hvd
 
     from monolith_torch.distributed.allreduce import AllreduceConfig, allreduce_cond
-    from monolith_torch.train.trainer import init_distributed
+    from monolith_torch.train.launch import init_distributed
 
     torch.set_num_threads(1)
     rank, world = init_distributed(60.0)
@@ -229,7 +229,7 @@ def test_train_under_horovodrun_ends_identical_on_both_ranks_and_as_torchrun(tmp
 @pytest.mark.timeout(60)
 def test_monolith_with_horovod_outside_horovodrun_is_a_clear_error():
     # In a child process: hvd.init() starts Horovod's background thread for good.
-    code = "from monolith_torch.train.trainer import init_distributed; init_distributed(5.0)"
+    code = "from monolith_torch.train.launch import init_distributed; init_distributed(5.0)"
     env = dict(os.environ, MONOLITH_WITH_HOROVOD="1", WORLD_SIZE="2")
     proc = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=50
@@ -239,7 +239,7 @@ def test_monolith_with_horovod_outside_horovodrun_is_a_clear_error():
 
 
 def test_horovodrun_without_monolith_with_horovod_is_a_clear_error(monkeypatch):
-    from monolith_torch.train.trainer import init_distributed
+    from monolith_torch.train.launch import init_distributed
 
     for name in ("WORLD_SIZE", "MONOLITH_WITH_HOROVOD", "MONOLITH_WITH_BYTEPS"):
         monkeypatch.delenv(name, raising=False)

@@ -207,12 +207,8 @@ def _with_saved_model_settings(command: str, cfg: TrainConfig) -> TrainConfig:
 
 
 def _run(command: str, cfg: TrainConfig) -> int:
-    from monolith_torch.train.trainer import (
-        StopRequested,
-        Trainer,
-        TrainingDiverged,
-        init_distributed,
-    )
+    from monolith_torch.train.launch import init_distributed
+    from monolith_torch.train.trainer import StopRequested, Trainer, TrainingDiverged
 
     rank, world = init_distributed(cfg.dist_timeout_s)
     _setup_logging(cfg, rank)
