@@ -12,8 +12,14 @@ clip, per-slice FTRL/Adagrad) cost against the simplest fast baseline?
   (the fused CPU path; one process only, so only in the one-process run).
 - baseline "plain DLRM": the same dims and batch, ids remapped to 0..n-1
   beforehand (no hashing, no growth), one ``nn.EmbeddingBag(mode="sum",
-  sparse=True)`` per feature holding vector + bias columns, Adagrad on the
-  sparse gradients, Adam + ``clip_grad_norm_`` on the dense part.
+  sparse=True)`` per feature holding vector + bias columns, initialized as
+  ours (vectors uniform in +-0.05, biases 0), Adagrad (accumulator starting
+  at 1.0, as ours' vector slices) on the sparse gradients, Adam +
+  ``clip_grad_norm_`` on the dense part. ``--previous-baseline`` restores the
+  baseline of the earlier figures: ``nn.EmbeddingBag``'s N(0, 1) rows and
+  Adagrad's accumulator at 0. Its logits then saturate (|logit| ~ 40, loss
+  ~ 10) and its backward matmuls run on subnormal floats, several times slower
+  (docs/PERFORMANCE.md): that made it slow, not the work it does.
 
 Both train on the same in-memory batches (parsing excluded), one process and
 then two (``torch.distributed`` gloo on 127.0.0.1: ours with its allreduce and
@@ -94,6 +100,20 @@ class PlainDLRM(nn.Module):
         return self.top(stacked.flatten(1)).squeeze(-1) + fm + torch.cat(wide, 1).sum(1)
 
 
+def _plain(vocab, previous):
+    """The baseline model and its sparse optimizer (see the module's docstring)."""
+    torch.manual_seed(0)
+    plain = PlainDLRM(vocab)
+    if not previous:
+        with torch.no_grad():
+            for bag in plain.bags:
+                bag.weight[:, : plain.dim].uniform_(-0.05, 0.05)
+                bag.weight[:, plain.dim :].zero_()
+    sparse_opt = torch.optim.Adagrad(list(plain.bags.parameters()), lr=0.05,
+                                     initial_accumulator_value=0.0 if previous else 1.0)
+    return plain, sparse_opt
+
+
 def _remap(batches):
     """Per feature: ids -> 0..n-1 over all batches (done before timing)."""
     remapped = [[] for _ in batches]
@@ -133,11 +153,9 @@ def _run(rank, world, args, path, port, out):
         assert fused.embeddings.uses_fused_path and not trainer.embeddings.uses_fused_path
     remapped, vocab = _remap(_load(path, args.batch_size, 0, 1))
     remapped = [r for i, r in enumerate(remapped) if i % world == rank]
-    torch.manual_seed(0)
-    plain = PlainDLRM(vocab)
+    plain, sparse_opt = _plain(vocab, args.previous_baseline)
     model = nn.parallel.DistributedDataParallel(plain) if world > 1 else plain
     dense_opt = torch.optim.Adam([p for n, p in plain.named_parameters() if not n.startswith("bags")], lr=1e-3)
-    sparse_opt = torch.optim.Adagrad(list(plain.bags.parameters()), lr=0.05)
     dense_params = [p for n, p in plain.named_parameters() if not n.startswith("bags")]
 
     def ours(i):
@@ -274,14 +292,12 @@ def _profile(args, path):
 
     batches = _load(path, args.batch_size, 0, 1)
     remapped, vocab = _remap(batches)
-    torch.manual_seed(0)
-    plain = PlainDLRM(vocab)
+    plain, sparse_opt = _plain(vocab, args.previous_baseline)
     for bag in plain.bags:
         bag.forward = _Timer.wrap("embedding lookup+pooling", bag.forward, hook_outputs="node")
     plain.forward = _Timer.wrap("model forward", plain.forward)
     dense_params = [p for n, p in plain.named_parameters() if not n.startswith("bags")]
     dense_opt = torch.optim.Adam(dense_params, lr=1e-3)
-    sparse_opt = torch.optim.Adagrad(list(plain.bags.parameters()), lr=0.05)
     dense_step = _Timer.wrap("dense update", dense_opt.step)
     sparse_step = _Timer.wrap("embedding update", sparse_opt.step)
     base_step = [0]
@@ -315,7 +331,7 @@ def _profile(args, path):
         return statistics.median(b[phase] for b in blocks[name]) * 1e3 / args.steps
 
     print(f"\none process; ms per step, median of {args.repeats} blocks of {args.steps} steps "
-          "(share of step + data)")
+          f"(share of step + data); baseline {'as before 2026-12-01' if args.previous_baseline else 'initialized as ours'}")
     print(f"{'phase':<28}" + "".join(f"{name:>20}" for name, _ in candidates))
     rows = {}
     for name, _ in candidates:
@@ -343,6 +359,8 @@ def main():
     parser.add_argument("--fused", action="store_true",
                         help="also time ours with fused_embeddings=True (one-process run only)")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], choices=[1, 2])
+    parser.add_argument("--previous-baseline", action="store_true",
+                        help="the baseline of the earlier figures: N(0, 1) rows, Adagrad accumulator 0")
     parser.add_argument("--profile", action="store_true",
                         help="split one process's step into phases instead of the throughput runs")
     args = parser.parse_args()
@@ -359,7 +377,8 @@ def main():
             port = 29000 + os.getpid() % 1000
             mp.spawn(_run, args=(2, args, path, port, results), nprocs=2, join=True)
     print(f"\nbatch {args.batch_size}, {len(FEATURES)} features, dim 16; median of {args.repeats} blocks "
-          f"of {args.steps} steps; examples/s over all processes")
+          f"of {args.steps} steps; examples/s over all processes; baseline "
+          f"{'as before 2026-12-01 (N(0, 1) rows)' if args.previous_baseline else 'initialized as ours'}")
     print(f"{'processes':<10}{'candidate':<12}{'examples/s':>12}{'plain DLRM':>14}{'ours / plain':>15}")
     for world in sorted(set(args.processes)):
         b = results[f"{world}:plain DLRM"]

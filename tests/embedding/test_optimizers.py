@@ -331,3 +331,16 @@ def test_rmsprop_follows_learning_rate_fn():
     t.lookup(ids)
     t.apply_gradients(ids, torch.ones(1, 1), global_step=2)  # lr 1: n = 1, w = -1 / (1 + 1)
     torch.testing.assert_close(t.lookup(ids, insert=False), torch.tensor([[-0.5]]))
+
+
+def test_adagrad_with_a_zero_accumulator_and_a_zero_gradient_column_stays_finite():
+    # Monolith's Adagrad has no epsilon; a column that has seen only zero gradients
+    # from a zero accumulator would compute 0 / sqrt(0). It must stay as it is.
+    table = EmbeddingTable(name="t")
+    table.add_feature_slice(entry.Segment(3, entry.ZerosInitializer(), entry.AdagradOptimizer(learning_rate=0.1), entry.Fp32Compressor()))
+    ids = torch.tensor([5, 6])
+    table.lookup_rows(ids)
+    table.apply_gradients(ids, torch.tensor([[1.0, 0.0, -2.0], [0.0, 0.0, 0.0]]))
+    values = table.lookup(ids, insert=False)
+    assert torch.isfinite(values).all()
+    torch.testing.assert_close(values, torch.tensor([[-0.1, 0.0, 0.1], [0.0, 0.0, 0.0]]))

@@ -314,13 +314,15 @@ def _adagrad(values, acc, c0, d, rows, g, scale, lr, wd, times, now, write_times
                     x = gu[j] * scale + wd * w[j]
                     aj = a[j] + x * x
                     a[j] = aj
-                    w[j] = w[j] - lr * x / np.sqrt(aj)
+                    if aj > 0:  # else x is 0 too: the column stays (0 / sqrt(0) is NaN)
+                        w[j] = w[j] - lr * x / np.sqrt(aj)
             else:
                 for j in range(d):
                     x = gu[j] * scale
                     aj = a[j] + x * x
                     a[j] = aj
-                    w[j] = w[j] - lr * x / np.sqrt(aj)
+                    if aj > 0:  # else x is 0 too: the column stays (0 / sqrt(0) is NaN)
+                        w[j] = w[j] - lr * x / np.sqrt(aj)
 
 
 def _ftrl(values, n_state, z_state, c0, d, rows, g, scale, lr, l1, l2lr, beta, times, now, write_times):

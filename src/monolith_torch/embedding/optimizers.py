@@ -166,7 +166,9 @@ class AdagradSlice(SliceOptimizer):
         acc = state["accumulator"]
         acc.add_(g * g)
         # No epsilon, as Monolith's kernel: acc starts at initial_accumulator_value.
-        return w - lr * g / acc.sqrt()
+        # A column whose accumulator is still 0 also had g' = 0: it stays as it is
+        # (0 / sqrt(0) would be NaN).
+        return torch.where(acc > 0, w - lr * g / acc.sqrt(), w)
 
 
 @register_slice_optimizer(entry.FtrlOptimizer)
