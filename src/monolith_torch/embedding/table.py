@@ -210,21 +210,7 @@ class EmbeddingTable(FeatureEmbTable):
         occurrence filter and admitted ids get initialized rows; without it
         (serving), nothing changes.
         """
-        if not self._slices:
-            raise RuntimeError(f"table {self.name!r} has no slices; call add_feature_slice first")
-        ids = self._check_ids(ids)
-        if not insert:
-            return self._index.lookup(ids)
-        now = self._now()
-        if self.occurrence_threshold <= 1:
-            rows, new_keys = self._index.insert(ids)
-            self._init_rows(new_keys, now)
-            present = rows  # every id has a row now
-        else:
-            rows = self._admit(ids, now)
-            present = rows[rows >= 0]
-        self._rows[ts.COUNTS].index_add_(0, present, torch.ones_like(present))
-        return rows
+        return self._lookup(ids, None, insert)
 
     def _admit(self, ids: torch.Tensor, now: int, occurrences: torch.Tensor | None = None) -> torch.Tensor:
         # ``occurrences`` [N]: how many times each of ``ids`` was seen (None: once each).
@@ -262,6 +248,10 @@ class EmbeddingTable(FeatureEmbTable):
         ``lookup_rows`` on the batch with every duplicate, for one index probe
         per distinct id (``HashEmbeddingBagCollection``'s fused path).
         """
+        return self._lookup(ids, occurrences, insert)
+
+    def _lookup(self, ids: torch.Tensor, occurrences: torch.Tensor | None, insert: bool) -> torch.Tensor:
+        # ``occurrences`` [N]: how many times each of ``ids`` was seen (None: once each).
         if not self._slices:
             raise RuntimeError(f"table {self.name!r} has no slices; call add_feature_slice first")
         ids = self._check_ids(ids)
@@ -271,11 +261,14 @@ class EmbeddingTable(FeatureEmbTable):
         if self.occurrence_threshold <= 1:
             rows, new_keys = self._index.insert(ids)
             self._init_rows(new_keys, now)
-            self._rows[ts.COUNTS].index_add_(0, rows, occurrences)
-            return rows
-        rows = self._admit(ids, now, occurrences)
-        present = (rows >= 0).nonzero().squeeze(1)
-        self._rows[ts.COUNTS].index_add_(0, rows[present], occurrences[present])
+            present = rows  # every id has a row now
+            counts = torch.ones_like(rows) if occurrences is None else occurrences
+        else:
+            rows = self._admit(ids, now, occurrences)
+            keep = (rows >= 0).nonzero().squeeze(1)
+            present = rows[keep]
+            counts = torch.ones_like(present) if occurrences is None else occurrences[keep]
+        self._rows[ts.COUNTS].index_add_(0, present, counts)
         return rows
 
     def row_storage(self) -> dict[str, torch.Tensor]:
