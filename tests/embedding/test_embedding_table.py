@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_optimizers import _np_state, _np_step
 
 from monolith_torch.embedding import entry
 from monolith_torch.embedding.initializers import initial_values, initial_values_torch, stream_seed
@@ -33,45 +34,7 @@ def _table(*segments, **kw):
     return t
 
 
-# -- numpy references (float64) -----------------------------------------------
-
-
-def _np_step(opt, lr, w, g, st):
-    if isinstance(opt, entry.SgdOptimizer):
-        return w - lr * g
-    if isinstance(opt, entry.AdagradOptimizer):
-        g = g + opt.weight_decay_factor * w
-        st["accumulator"] = st["accumulator"] + g * g
-        return w - lr * g / np.sqrt(st["accumulator"])
-    if isinstance(opt, entry.FtrlOptimizer):
-        l1, l2, beta = opt.l1_regularization or 0.0, opt.l2_regularization or 0.0, opt.beta or 0.0
-        n_new = st["n"] + g * g
-        sigma = (np.sqrt(n_new) - np.sqrt(st["n"])) / lr
-        st["z"] = st["z"] + g - sigma * w
-        st["n"] = n_new
-        z = st["z"]
-        w_new = lr * (np.sign(z) * l1 - z) / (np.sqrt(n_new) + beta + l2 * lr)
-        return np.where(np.abs(z) > l1, w_new, 0.0)
-    if isinstance(opt, entry.AdamOptimizer):
-        g = g + opt.weight_decay_factor * w
-        st["steps"] = st["steps"] + 1
-        st["m"] = opt.beta1 * st["m"] + (1 - opt.beta1) * g
-        st["v"] = opt.beta2 * st["v"] + (1 - opt.beta2) * g * g
-        m_hat = st["m"] / (1 - opt.beta1 ** st["steps"])
-        v_hat = st["v"] / (1 - opt.beta2 ** st["steps"])
-        return w - lr * m_hat / (np.sqrt(v_hat) + opt.epsilon)
-    raise AssertionError(opt)
-
-
-def _np_state(opt, d):
-    init = float(getattr(opt, "initial_accumulator_value", None) or 0.0)
-    if isinstance(opt, entry.AdagradOptimizer):
-        return {"accumulator": np.full(d, init)}
-    if isinstance(opt, entry.FtrlOptimizer):
-        return {"n": np.full(d, init), "z": np.zeros(d)}
-    if isinstance(opt, entry.AdamOptimizer):
-        return {"m": np.zeros(d), "v": np.zeros(d), "steps": np.zeros(d)}
-    return {}
+# The numpy references of every rule live with the optimizer tests.
 
 
 OPTIMIZERS = [
