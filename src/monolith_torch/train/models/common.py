@@ -94,6 +94,18 @@ class FieldReader:
                 biases.append(parts[1])
         return vecs, biases
 
+    def common_dim(self, model: str, why: str) -> int:
+        """The one vector width D of every id feature, for models that pair fields.
+
+        Raises:
+            ValueError: the features have different widths (naming ``model`` and ``why``).
+        """
+        if len(set(self.dims)) != 1:
+            widths = dict(zip(self.names, self.dims, strict=True))
+            raise ValueError(f"Invalid schema for {model}: vector widths {widths} "
+                             f"(expected one dim for every id feature: {why})")
+        return self.dims[0]
+
     @staticmethod
     def wide(biases: list[torch.Tensor], batch_size: int, like: torch.Tensor) -> torch.Tensor:
         """The sum of the biases [B] (zeros without any)."""

@@ -44,10 +44,7 @@ class DeepFM(nn.Module):
         bottom_hidden = check_widths("bottom_hidden", bottom_hidden)
         self.embeddings = embeddings
         self.fields = FieldReader(schema, embeddings)
-        if len(set(self.fields.dims)) != 1:
-            raise ValueError(f"Invalid schema for DeepFM: vector widths {dict(zip(self.fields.names, self.fields.dims, strict=True))} "
-                             "(expected one dim for every id feature: FM pairs every two fields)")
-        dim = self.fields.dims[0]
+        dim = self.fields.common_dim("DeepFM", "FM pairs every two fields")
         n_dense = len(schema.dense)
         self.bottom = mlp([n_dense, *bottom_hidden, dim]) if n_dense else None
         num_fields = len(self.fields.names) + (1 if n_dense else 0)

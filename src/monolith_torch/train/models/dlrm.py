@@ -41,10 +41,7 @@ class DLRM(nn.Module):
         bottom_hidden = check_widths("bottom_hidden", bottom_hidden)
         self.embeddings = embeddings
         self.fields = FieldReader(schema, embeddings)
-        if len(set(self.fields.dims)) != 1:
-            raise ValueError(f"Invalid schema for DLRM: vector widths {dict(zip(self.fields.names, self.fields.dims, strict=True))} "
-                             "(expected one dim for every id feature: dot products pair the vectors)")
-        dim = self.fields.dims[0]
+        dim = self.fields.common_dim("DLRM", "dot products pair the vectors")
         n_dense = len(schema.dense)
         # The bottom MLP ends in a ReLU, as DLRM's does.
         self.bottom = mlp([n_dense, *bottom_hidden, dim], final_activation=True) if n_dense else None
