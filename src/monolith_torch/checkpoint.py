@@ -97,7 +97,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def save_checkpoint(path, ctx, model=None, optimizer=None, global_step=None) -> str:
+def save_checkpoint(path, ctx, model=None, optimizer=None, global_step=None, extra: Mapping | None = None) -> str:
     """Writes tables, dense model, dense optimizer and global step to ``path`` atomically.
 
     Pending async functions of ``ctx`` run first, so the file holds the state
@@ -111,6 +111,8 @@ def save_checkpoint(path, ctx, model=None, optimizer=None, global_step=None) -> 
         optimizer: a ``torch.optim.Optimizer`` whose ``state_dict`` is saved.
         global_step: an int or a one-element tensor: the run's one global
             step. None saves the factory's own count (``factory.global_step``).
+        extra: plain values (and tensors) saved beside the state, e.g. a data
+            stream's position; ``restore_checkpoint(extra=...)`` returns them.
 
     With a factory over several processes this is a collective: every rank
     calls it with the same ``path``. Replicated tables: every replica evicts
@@ -138,7 +140,7 @@ def save_checkpoint(path, ctx, model=None, optimizer=None, global_step=None) -> 
         owner.evict_expired()
     kind = getattr(placement, "kind", "local")
     if kind == "sharded":
-        return _save_sharded(path, owner, placement.group, model, optimizer, step)
+        return _save_sharded(path, owner, placement.group, model, optimizer, step, extra)
     if kind == "replicated" and dist.get_rank(placement.group) != 0:
         return path  # rank 0 writes the replicas' common state
     payload = {
@@ -147,6 +149,7 @@ def save_checkpoint(path, ctx, model=None, optimizer=None, global_step=None) -> 
         "model": model.state_dict() if model is not None else None,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "global_step": step,
+        "extra": dict(extra) if extra else None,
     }
     _write_file(path, payload)
     return path
@@ -172,7 +175,7 @@ def _shard_name(path: str, token: str, rank: int, world: int) -> str:
     return f"{os.path.basename(path)}.{token}.shard-{rank:05d}-of-{world:05d}"
 
 
-def _save_sharded(path: str, owner, group, model, optimizer, step) -> str:
+def _save_sharded(path: str, owner, group, model, optimizer, step, extra) -> str:
     """Each rank writes its shard; rank 0 writes the manifest last. A collective."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     token = [secrets.token_hex(6) if rank == 0 else None]
@@ -198,6 +201,7 @@ def _save_sharded(path: str, owner, group, model, optimizer, step) -> str:
             "model": model.state_dict() if model is not None else None,
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "global_step": step,
+            "extra": dict(extra) if extra else None,
         }
         try:
             _write_file(path, manifest)
@@ -387,7 +391,7 @@ def _checked_payload(path: str, owner, model, optimizer, global_step) -> tuple[d
     return payload, step
 
 
-def restore_checkpoint(path, ctx, model=None, optimizer=None, global_step=None) -> int | None:
+def restore_checkpoint(path, ctx, model=None, optimizer=None, global_step=None, extra: dict | None = None) -> int | None:
     """Restores what ``save_checkpoint`` wrote; validates everything before changing anything.
 
     Pending async functions of ``ctx`` run first (flushed), then their results are replaced (they
@@ -398,6 +402,7 @@ def restore_checkpoint(path, ctx, model=None, optimizer=None, global_step=None) 
         ctx, model, optimizer: the live objects to restore into (None: skip).
         global_step: a tensor restored in place (ints cannot be; use the return
             value). None restores the factory's own count (``factory.global_step``).
+        extra: a dict that receives the ``extra`` values the checkpoint holds (on success only).
 
     Returns:
         The saved global step (None if none was saved).
@@ -436,4 +441,6 @@ def restore_checkpoint(path, ctx, model=None, optimizer=None, global_step=None) 
     target = _the_global_step(owner, global_step)
     if isinstance(target, torch.Tensor) and step is not None:
         target.fill_(step)
+    if extra is not None:
+        extra.update(payload.get("extra") or {})
     return step

@@ -7,6 +7,12 @@ gets its own row of ``sum(slice dims)`` float32 values, created on first sight
 each slice has its own optimizer and state; rows not updated for
 ``expire_time`` days are removed by ``evict_expired``.
 
+For parameter sync (``monolith_torch.sync``), a table can track which rows
+changed: ``track_changes()`` turns it on, ``take_changes()`` returns the ids
+and values of every row created or looked up for training since the last call
+and the ids removed since, and ``assign_rows``/``remove_ids`` apply such
+changes on the serving side.
+
 All storage is a few dense tensors indexed by row (values [R, D], optimizer
 state [R, d] per slice, last-update time [R], occurrence count [R]), kept
 under their ``table_state`` field names, plus a ``HashIndex`` from id to
@@ -117,6 +123,9 @@ class EmbeddingTable(FeatureEmbTable):
         self._current: dict[str, tuple[torch.Tensor, Mapping[str, torch.Tensor]]] = {}
         # Bumped whenever rows move (eviction, restore), so cached rows go stale.
         self.generation = 0
+        # Change tracking (track_changes): a mark per row, and the ids removed since take_changes.
+        self._touched: torch.Tensor | None = None
+        self._removed: list[torch.Tensor] = []
 
     # -- FeatureEmbTable ---------------------------------------------------
 
@@ -269,6 +278,7 @@ class EmbeddingTable(FeatureEmbTable):
             present = rows[keep]
             counts = torch.ones_like(present) if occurrences is None else occurrences[keep]
         self._rows[ts.COUNTS].index_add_(0, present, counts)
+        self._mark(present)
         return rows
 
     def row_storage(self) -> dict[str, torch.Tensor]:
@@ -305,12 +315,17 @@ class EmbeddingTable(FeatureEmbTable):
                 rows[field][start:total] = sl.rule.initial_state(name)
         rows[ts.TIMES][start:total] = now
         rows[ts.COUNTS][start:total] = 0
+        if self._touched is not None:
+            self._touched = _grow(self._touched, rows[ts.VALUES].shape[0])
+            self._touched[start:total] = True
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
         """Values [N, D] of ``rows`` [N]; zeros where a row is -1. A copy."""
         values = self._rows[ts.VALUES]
         if rows.numel() == 0 or int(rows.min()) >= 0:  # the common case: every id has a row
             return values.index_select(0, rows)
+        if values.shape[0] == 0:  # every row evicted or cleared
+            return values.new_zeros((rows.numel(), self._dim))
         out = values.index_select(0, rows.clamp_min(0))
         return out.masked_fill_((rows < 0)[:, None], 0.0)
 
@@ -402,6 +417,7 @@ class EmbeddingTable(FeatureEmbTable):
                 store[sl.state_fields[n]].index_copy_(0, urows, t)
         store[ts.VALUES].index_copy_(0, urows, w)
         store[ts.TIMES].index_fill_(0, urows, now)
+        self._mark(urows)
         return urows.numel()
 
     # -- expiry ------------------------------------------------------------
@@ -417,13 +433,7 @@ class EmbeddingTable(FeatureEmbTable):
         now = self._now() if now is None else int(now)
         cutoff = now - int(self.expire_time * _SECONDS_PER_DAY)
         keys, rows = self._index.items()
-        keep = (self._rows[ts.TIMES][rows] >= cutoff).nonzero().squeeze(1)
-        removed = keys.numel() - keep.numel()
-        if removed:
-            kept_rows = rows[keep]
-            self._rows = {k: t[kept_rows] for k, t in self._rows.items()}
-            self._index.rebuild(keys[keep], torch.arange(keep.numel(), device=self._device))
-            self.generation += 1
+        removed = self._keep_rows(keys, rows, self._rows[ts.TIMES][rows] >= cutoff)
         ckeys, crows = self._cand_index.items()
         ckeep = (self._cands[ts.CAND_TIMES][crows] >= cutoff).nonzero().squeeze(1)
         if ckeep.numel() != ckeys.numel() or self._cand_index.num_rows != ckeys.numel():
@@ -431,6 +441,103 @@ class EmbeddingTable(FeatureEmbTable):
             self._cands = {k: t[kept] for k, t in self._cands.items()}
             self._cand_index.rebuild(ckeys[ckeep], torch.arange(ckeep.numel(), device=self._device))
         return removed
+
+    def _keep_rows(self, keys: torch.Tensor, rows: torch.Tensor, keep_mask: torch.Tensor) -> int:
+        """Compacts the table to the rows of ``keys``/``rows`` (``items()``) where ``keep_mask``; returns rows removed."""
+        keep = keep_mask.nonzero().squeeze(1)
+        removed = keys.numel() - keep.numel()
+        if removed:
+            kept_rows = rows[keep]
+            self._rows = {k: t[kept_rows] for k, t in self._rows.items()}
+            self._index.rebuild(keys[keep], torch.arange(keep.numel(), device=self._device))
+            if self._touched is not None:
+                self._removed.append(keys[~keep_mask])
+                self._touched = self._touched[kept_rows]
+            self.generation += 1
+        return removed
+
+    # -- change tracking and serving --------------------------------------
+
+    def _mark(self, rows: torch.Tensor) -> None:
+        if self._touched is not None:
+            self._touched.index_fill_(0, rows, True)
+
+    def track_changes(self, enable: bool = True) -> None:
+        """Starts (or stops) recording which rows change; starting forgets earlier changes."""
+        self._removed = []
+        if not enable:
+            self._touched = None
+            return
+        self._touched = torch.zeros(self._rows[ts.VALUES].shape[0], dtype=torch.bool, device=self._device)
+
+    @property
+    def tracks_changes(self) -> bool:
+        return self._touched is not None
+
+    def take_changes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rows changed since the last call, and forgets them.
+
+        Changed: created, looked up for training or updated (a superset of the
+        rows whose values moved). Removed: evicted (or ``remove_ids``) and not
+        present now, or present again after a removal (apply the removals
+        first, then the rows).
+
+        Returns:
+            (ids [n] int64, values [n, D] float32 copies, removed ids [m] int64), on the CPU.
+
+        Raises:
+            RuntimeError: ``track_changes`` was not called.
+        """
+        if self._touched is None:
+            raise RuntimeError(f"table {self.name!r} does not track changes; call track_changes() first")
+        keys, rows = self._index.items()
+        changed = self._touched[rows]
+        rows = rows[changed]
+        removed = torch.cat(self._removed) if self._removed else keys.new_zeros(0)
+        out = (keys[changed].cpu(), self._rows[ts.VALUES].index_select(0, rows).cpu(), torch.unique(removed).cpu())
+        self._touched.zero_()
+        self._removed = []
+        return out
+
+    def serving_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [R] int64, values [R, D] float32) of every row, copies on the CPU: a full snapshot's content."""
+        keys, rows = self._index.items()
+        return keys.cpu(), self._rows[ts.VALUES].index_select(0, rows).cpu()
+
+    def assign_rows(self, ids: torch.Tensor, values: torch.Tensor) -> None:
+        """Sets the values of ``ids`` [n] (distinct) to ``values`` [n, D], creating rows as needed.
+
+        Serving: applies the rows of a snapshot or delta. New rows get their
+        slices' initial optimizer state; the occurrence filter is bypassed.
+
+        Raises:
+            TypeError, ValueError: bad ids or values (checked before anything changes).
+        """
+        ids = self._check_ids(ids)
+        if not isinstance(values, torch.Tensor) or tuple(values.shape) != (ids.numel(), self._dim):
+            raise ValueError(f"values of table {self.name!r} must have shape {(ids.numel(), self._dim)}, "
+                             f"got {tuple(getattr(values, 'shape', ()))}")
+        rows, new_keys = self._index.insert(ids)
+        self._init_rows(new_keys, self._now())
+        self._rows[ts.VALUES].index_copy_(0, rows, values.to(self._device, torch.float32))
+        self._mark(rows)
+
+    def remove_ids(self, ids: torch.Tensor) -> int:
+        """Removes the rows of ``ids`` (absent ones ignored); compacts like ``evict_expired``. Returns rows removed."""
+        ids = self._check_ids(ids)
+        keys, rows = self._index.items()
+        if ids.numel() == 0 or keys.numel() == 0:
+            return 0
+        return self._keep_rows(keys, rows, ~torch.isin(keys, ids))
+
+    def clear(self) -> None:
+        """Removes every row and filter candidate (a full snapshot replaces the table)."""
+        keys, rows = self._index.items()
+        self._keep_rows(keys, rows, torch.zeros_like(keys, dtype=torch.bool))
+        self._cand_index.rebuild(keys[:0], rows[:0])
+        self._cands = {k: t[:0] for k, t in self._cands.items()}
+        self._current.clear()
+        self._removed = []
 
     # -- state -------------------------------------------------------------
 
@@ -466,4 +573,6 @@ class EmbeddingTable(FeatureEmbTable):
         self._index.rebuild(state[ts.KEYS].to(dev), torch.arange(r, device=dev))
         self._cand_index.rebuild(state[ts.CAND_KEYS].to(dev), torch.arange(c, device=dev))
         self._current.clear()
+        if self._touched is not None:
+            self.track_changes()  # a restored table is published whole (a full snapshot), not as changes
         self.generation += 1

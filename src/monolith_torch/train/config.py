@@ -69,13 +69,25 @@ class TrainConfig:
     fused_embeddings: bool = False
     header: str = "auto"
     delimiter: str = ""
+    # Real-time training (docs/REALTIME.md).
+    follow: bool = False
+    follow_idle_exit: float = 0.0  # 0: follow forever
+    follow_poll_s: float = 1.0
+    clock: str = "wall"
+    export_dir: str = ""
+    sync_every: float = 10.0
+    dense_sync_every: float = 60.0
+    full_every: float = 3600.0
+    progressive_window_rows: int = 10_000
+    progressive_window_seconds: float = 86_400.0
+    init_from: str = ""
     # TOML only: the [[features]] schema (empty: the Criteo preset) and the model's keyword arguments.
     features: tuple = ()
     model_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         _positive = ("generated_train_rows", "generated_eval_rows", "batch_size", "epochs", "emb_dim",
-                     "seq_len", "checkpoint_every", "summary_every", "eval_batch_size")
+                     "seq_len", "checkpoint_every", "summary_every", "eval_batch_size", "progressive_window_rows")
         for name in _positive:
             _check_int(name, getattr(self, name), 1, _INT64_MAX)
         _check_int("max_steps", self.max_steps, 0, _INT64_MAX)
@@ -88,6 +100,19 @@ class TrainConfig:
         if self.dist_timeout_s > MAX_DIST_TIMEOUT_S:
             raise ConfigError(f"Invalid dist_timeout_s: {self.dist_timeout_s!r} "
                               f"(expected at most {MAX_DIST_TIMEOUT_S:.0f} seconds)")
+        for name in ("follow_idle_exit", "sync_every", "dense_sync_every", "full_every"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0 <= value < math.inf:
+                raise ConfigError(f"Invalid {name}: {value!r} (expected a finite number of seconds >= 0)")
+        for name in ("follow_poll_s", "progressive_window_seconds"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0 < value < math.inf:
+                raise ConfigError(f"Invalid {name}: {value!r} (expected a finite number of seconds > 0)")
+        if self.progressive_window_seconds < 1:
+            raise ConfigError(f"Invalid progressive_window_seconds: {self.progressive_window_seconds!r} "
+                              "(expected at least 1 second)")
+        if self.clock not in ("wall", "data"):
+            raise ConfigError(f"Invalid clock: {self.clock!r} (expected wall or data)")
         if not _is_number(self.dense_weight_decay) or not 0 <= self.dense_weight_decay < math.inf:
             raise ConfigError(f"Invalid dense_weight_decay: {self.dense_weight_decay!r} (expected a finite number >= 0)")
         if self.dense_optimizer not in _DENSE_OPTIMIZERS:
@@ -141,6 +166,17 @@ HELP = {
     "fused_embeddings": "train the embeddings on the fused CPU path (one process, CPU tables)",
     "header": "text files: yes, no, or auto (a header when the first line names the columns)",
     "delimiter": "text files: the field separator (empty: comma for .csv, else tab)",
+    "follow": "keep training on the files that arrive in --data (a folder or glob), each once, in name order",
+    "follow_idle_exit": "with --follow: stop after this many seconds without a new file (0: never)",
+    "follow_poll_s": "with --follow: seconds between re-listings of the data folders",
+    "clock": "time for expiry and export intervals: wall, or data (the schema's timestamp column)",
+    "export_dir": "publish full snapshots and deltas of the model here, for monolith-torch serve",
+    "sync_every": "seconds (of the clock) between deltas of the changed embedding rows",
+    "dense_sync_every": "seconds (of the clock) between publications of the dense parameters",
+    "full_every": "seconds (of the clock) between full snapshots; older publications are then removed",
+    "progressive_window_rows": "rows per progressive-validation window (progressive.csv)",
+    "progressive_window_seconds": "data seconds per progressive-validation time window (schemas with a timestamp)",
+    "init_from": "start a new run from this checkpoint file (tables, model, optimizer), e.g. a batch model",
     "features": "TOML only: the [[features]] schema of your data (empty: the Criteo preset)",
     "model_options": "TOML only: keyword arguments of the model, e.g. [model_options] cross_layers = 2",
 }

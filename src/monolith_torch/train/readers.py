@@ -466,6 +466,7 @@ def read_schema_batches(
     header: bool | None = None,
     delimiter: str | None = None,
     drop_remainder: bool = False,
+    skip_rows: int = 0,
 ) -> Iterator[Batch]:
     """Streams ``Batch``es of ``batch_size`` rows of ``schema``'s features from CSV/TSV/Parquet files, in order.
 
@@ -484,6 +485,8 @@ def read_schema_batches(
             they are ``schema.columns``; None, a header when the first line
             names every column the schema reads.
         delimiter: text files: one character; None: ``,`` for ``.csv``, else a tab.
+        skip_rows: drop the first this many good rows (of this shard) before
+            batching: where ``train --follow --resume`` left off in a file.
 
     Raises:
         ValueError: a bad ``batch_size``, ``shard`` or ``delimiter``.
@@ -514,6 +517,10 @@ def read_schema_batches(
                 n = block.table.num_rows
                 parsed = _good_rows(block, n * index // count, n * (index + 1) // count, schema, stats, strict)
                 stats.rows += len(parsed)
+                if skip_rows:
+                    drop = min(skip_rows, len(parsed))
+                    skip_rows -= drop
+                    parsed = parsed.select(np.arange(len(parsed)) >= drop)
                 pending.append(parsed)
                 pending_rows += len(parsed)
                 while pending_rows >= batch_size:

@@ -3,6 +3,8 @@
     runs/NAME/
       .lock                 held (flock) by the one trainer writing here; holds its pid
       run.json              the settings that shape the model, saved by train, reused by eval/predict
+      run_id                names the run in its exported publications (made by the first train)
+      progressive.csv       progressive validation: pre-update AUC and log-loss per window
       checkpoints/ckpt-<step>.pt
       tb/                   TensorBoard events
       train.log, metrics.json, predictions.tsv, data/ (the generated default dataset)
@@ -18,6 +20,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 from collections.abc import Callable, Iterable
 
 from monolith_torch.checkpoint import CheckpointError
@@ -31,7 +34,9 @@ __all__ = [
     "check_outputs",
     "check_run_dir",
     "first_restorable",
+    "model_settings",
     "remove_orphan_temps",
+    "run_id",
     "saved_model_settings",
     "save_run_settings",
 ]
@@ -72,6 +77,14 @@ class RunPaths:
     @property
     def settings(self) -> str:
         return os.path.join(self.root, "run.json")
+
+    @property
+    def progressive(self) -> str:
+        return os.path.join(self.root, "progressive.csv")
+
+    @property
+    def run_id(self) -> str:
+        return os.path.join(self.root, "run_id")
 
     @property
     def lock(self) -> str:
@@ -123,7 +136,7 @@ def check_outputs(paths: RunPaths, command: str) -> None:
             raise ConfigError(f"Invalid run_dir: {folder!r} is not writable")
     if not os.path.isdir(paths.root):
         return  # created empty: nothing in it can be in the way
-    for file in (paths.log, paths.metrics, paths.settings):
+    for file in (paths.log, paths.metrics, paths.settings, paths.progressive):
         try:
             check_target(file)
         except OSError as e:
@@ -183,7 +196,8 @@ def remove_orphan_temps(paths: RunPaths) -> list[str]:
     Returns:
         The paths removed.
     """
-    targets: list[str] = [paths.metrics, paths.settings, os.path.join(paths.root, "predictions.tsv")]
+    targets: list[str] = [paths.metrics, paths.settings, paths.progressive, paths.run_id,
+                          os.path.join(paths.root, "predictions.tsv")]
     targets += paths.checkpoints_newest_first()
     if os.path.isdir(paths.checkpoints):
         # Temp files of checkpoints that never got their final name.
@@ -204,11 +218,35 @@ def remove_orphan_temps(paths: RunPaths) -> list[str]:
     return removed
 
 
+def model_settings(cfg: TrainConfig) -> dict:
+    """The settings that shape the model (``MODEL_SETTINGS``), as saved in ``run.json`` and full snapshots."""
+    return {k: v for k, v in cfg.to_dict().items() if k in MODEL_SETTINGS}
+
+
 def save_run_settings(paths: RunPaths, cfg: TrainConfig) -> None:
     """Writes the settings that shape the model to ``run.json`` (atomically), for eval and predict."""
-    settings = {k: v for k, v in cfg.to_dict().items() if k in MODEL_SETTINGS}
     with atomic_write(paths.settings, "w") as f:
-        json.dump({"model_settings": settings}, f, indent=2)
+        json.dump({"model_settings": model_settings(cfg)}, f, indent=2)
+
+
+def run_id(paths: RunPaths) -> str:
+    """The run's id (``run_id`` file; made, atomically, when missing): names its exported publications.
+
+    Raises:
+        ConfigError: the file exists but is not an id.
+    """
+    try:
+        text = read_limited(paths.run_id, 256).decode("ascii").strip()
+    except FileNotFoundError:
+        text = secrets.token_hex(8)
+        with atomic_write(paths.run_id, "w") as f:
+            f.write(text + "\n")
+        return text
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"Invalid run id file {paths.run_id!r}: {e}") from None
+    if not text or not text.isalnum():
+        raise ConfigError(f"Invalid run id file {paths.run_id!r}: {text!r} is not an id")
+    return text
 
 
 def saved_model_settings(paths: RunPaths) -> dict:

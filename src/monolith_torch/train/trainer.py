@@ -36,17 +36,21 @@ from monolith_torch.embedding.factory import HashTableFeatureFactory
 from monolith_torch.step.api import apply_gradients_with_var_optimizer
 from monolith_torch.step.context import NativeContext
 from monolith_torch.step.types import GradClipType
-from monolith_torch.train.build import model_options, run_schema
+from monolith_torch.sync.exporter import DeltaExporter, ExportError
+from monolith_torch.train.build import build_run_model
 from monolith_torch.train.config import ConfigError, TrainConfig
 from monolith_torch.train.data import DataError, ReadStats, expand_paths, generate_criteo
+from monolith_torch.train.follow import FileStream, RunClock, StreamPosition
 from monolith_torch.train.metrics import StreamingAUC, auc, log_loss
-from monolith_torch.train.models import build_embeddings, build_model
+from monolith_torch.train.progressive import ProgressiveValidation
 from monolith_torch.train.readers import Batch, read_schema_batches
 from monolith_torch.train.run_dir import (
     RunLock,
     RunPaths,
     first_restorable,
+    model_settings,
     remove_orphan_temps,
+    run_id,
     save_run_settings,
 )
 
@@ -123,14 +127,15 @@ class Trainer:
         self.show_progress = show_progress and rank == 0
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        torch.manual_seed(cfg.seed)
-        self.schema = run_schema(cfg)
-        self.factory = HashTableFeatureFactory(seed=cfg.seed, sharded=cfg.sharded_tables)
+        if cfg.follow and world > 1:
+            raise ConfigError("Invalid follow: true (--follow trains in one process; see docs/REALTIME.md)")
+        # The run's clock: table times (expiry, filter), export intervals.
+        self.clock = RunClock(cfg.clock)
+        built = build_run_model(cfg, time_fn=self.clock)
+        self.schema, self.factory, self.embeddings, self.model = built.schema, built.factory, built.embeddings, built.model
+        if cfg.clock == "data" and self.schema.timestamp is None:
+            raise ConfigError("Invalid clock: 'data' (the schema has no timestamp feature to take the time from)")
         self.ctx = NativeContext(feature_factory=self.factory)
-        self.embeddings = build_embeddings(self.schema, self.factory, fused=cfg.fused_embeddings)
-        # Checkpoints carry the tables and the global step through the factory, once.
-        self.embeddings.state_dict_tables = False
-        self.model = build_model(cfg.model, self.schema, self.embeddings, **model_options(cfg))
         self.optimizer = _dense_optimizer(cfg, self.model)
         # The run's one global step: the step increments it, the slices' learning rates read it.
         self.global_step = self.factory.global_step
@@ -138,6 +143,9 @@ class Trainer:
         self._stop_signal = 0
         self.last_checkpoint: str | None = None  # the newest checkpoint written or restored
         self.skipped_nonfinite = 0  # steps skipped for NaN/inf (skip_nonfinite)
+        self.position = StreamPosition() if cfg.follow else None  # --follow: where the stream is
+        self.progressive: ProgressiveValidation | None = None
+        self.exporter: DeltaExporter | None = None
 
     # ------------------------------------------------------------ data
 
@@ -208,7 +216,7 @@ class Trainer:
         path = self.paths.checkpoint(int(self.global_step))
         # With several ranks a collective: replicas evict together and rank 0
         # writes; sharded tables: every rank writes its shard, rank 0 the manifest.
-        save_checkpoint(path, self.ctx, self.model, self.optimizer, self.global_step)
+        save_checkpoint(path, self.ctx, self.model, self.optimizer, self.global_step, extra=self._extras())
         self.last_checkpoint = path
         if self.rank != 0:
             return path
@@ -217,7 +225,16 @@ class Trainer:
             remove_checkpoint(os.path.join(self.paths.checkpoints, old))
         return path
 
-    def restore_latest(self, required: bool) -> int:
+    def _extras(self) -> dict:
+        """What a checkpoint carries beside the state: stream position, data clock, progressive windows."""
+        extra: dict = {"clock": self.clock.data_time}
+        if self.position is not None:
+            extra["stream"] = self.position.state_dict()
+        if self.progressive is not None:
+            extra["progressive"] = self.progressive.state_dict()
+        return extra
+
+    def restore_latest(self, required: bool, extra: dict | None = None) -> int:
         """Restores the newest checkpoint that is intact (warning about damaged newer ones); returns its step.
 
         The dense learning rate is the configured one afterwards, not the
@@ -233,7 +250,8 @@ class Trainer:
                 raise ConfigError(f"no checkpoint in {self.paths.checkpoints!r}; train first")
             return 0
         path = first_restorable(
-            candidates, lambda p: restore_checkpoint(p, self.ctx, self.model, self.optimizer, self.global_step)
+            candidates,
+            lambda p: restore_checkpoint(p, self.ctx, self.model, self.optimizer, self.global_step, extra=extra),
         )
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.dense_lr
@@ -278,17 +296,45 @@ class Trainer:
             if lock is not None:
                 lock.release()
 
+    def _restore_for_training(self) -> tuple[int, dict]:
+        """--resume: the newest checkpoint; else --init-from: a checkpoint to start from. Returns (step, extras)."""
+        cfg, extra = self.cfg, {}
+        start = self.restore_latest(required=False, extra=extra) if cfg.resume else 0
+        if self.last_checkpoint is None and cfg.init_from:
+            try:
+                restore_checkpoint(cfg.init_from, self.ctx, self.model, self.optimizer, self.global_step)
+            except CheckpointError as e:
+                raise CheckpointError(f"--init-from: {e}") from None
+            for group in self.optimizer.param_groups:
+                group["lr"] = cfg.dense_lr
+            logger.info("starting from %s (global step %d)", cfg.init_from, int(self.global_step))
+            start = int(self.global_step)
+        self.clock.data_time = int(extra.get("clock", 0))
+        if self.position is not None and "stream" in extra:
+            self.position = StreamPosition.from_state(extra["stream"])
+        return start, extra
+
     def _train(self) -> dict:
         cfg = self.cfg
         self.prepare_data()
-        start = self.restore_latest(required=False) if cfg.resume else 0
-        if self.rank == 0:
-            save_run_settings(self.paths, cfg)
+        start, extra = self._restore_for_training()
         writer = None
         if self.rank == 0:
+            save_run_settings(self.paths, cfg)
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(self.paths.tensorboard)
+            self.progressive = ProgressiveValidation(self.paths.progressive, cfg.progressive_window_rows,
+                                                     cfg.progressive_window_seconds, writer)
+            self.progressive.restore(extra.get("progressive"))
+            if cfg.export_dir:
+                try:
+                    self.exporter = DeltaExporter(
+                        cfg.export_dir, run_id(self.paths), self.factory, self.model, model_settings(cfg),
+                        cfg.sync_every, cfg.dense_sync_every, cfg.full_every, clock=self.clock)
+                    self.exporter.start(int(self.global_step))
+                except ExportError as e:
+                    raise ConfigError(str(e)) from None
         handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             metrics = self._train_loop(start, writer)
@@ -301,6 +347,10 @@ class Trainer:
             for s, h in handlers.items():
                 signal.signal(s, h)
         path = self.save()
+        if self.exporter is not None:
+            self.exporter.finish(int(self.global_step))
+        if self.progressive is not None:
+            self.progressive.flush(int(self.global_step))
         if self._stop_signal:
             if writer is not None:
                 writer.close()
@@ -347,8 +397,12 @@ class Trainer:
 
     def _train_loop(self, start: int, writer) -> dict:
         cfg = self.cfg
-        batches = self._own_batches(skip=start)
-        logger.info("training from step %d on %d file(s)", start, len(self.train_paths()))
+        if self.position is not None:
+            batches = self._follow_batches()
+            logger.info("training from step %d, following %s", start, list(cfg.data))
+        else:
+            batches = self._own_batches(skip=start)
+            logger.info("training from step %d on %d file(s)", start, len(self.train_paths()))
         running_auc = StreamingAUC()
         loss_sum, seen, step = 0.0, 0, start
         t0 = time.perf_counter()
@@ -358,10 +412,17 @@ class Trainer:
             batch = next(batches, None)
             if not self._agree_to_continue(batch is not None):
                 break
+            self.clock.advance(batch.timestamps)
             loss, probs, applied = self._train_step(batch, writer, step)
             step += 1
+            if self.position is not None:
+                self.position.rows += len(batch)
+            if self.exporter is not None:
+                self.exporter.maybe_publish(step)
             if not applied:
                 continue
+            if self.progressive is not None:
+                self.progressive.add(probs, batch.labels, batch.timestamps, step)
             loss_value = float(loss)
             loss_sum += loss_value * len(batch)
             seen += len(batch)
@@ -388,11 +449,29 @@ class Trainer:
             "seconds": elapsed,
         }
 
-    def _read(self, paths: list[str], batch_size: int, stats: ReadStats, shard=(0, 1)) -> Iterator[Batch]:
+    def _follow_batches(self) -> Iterator[Batch]:
+        """--follow: batches of each new file in turn (a file's last batch may be short); updates ``position``.
+
+        The loop counts the rows of each batch it trains into ``position.rows``;
+        a file is done when its batches run out.
+        """
+        pos = self.position
+        stream = FileStream(self.cfg.data, pos, self.cfg.follow_poll_s, self.cfg.follow_idle_exit,
+                            should_stop=lambda: bool(self._stop_signal))
+        for path in stream.files():
+            if path != pos.current:
+                pos.current, pos.rows = path, 0
+            logger.info("reading %s%s", path, f" from row {pos.rows}" if pos.rows else "")
+            yield from self._read([path], self.cfg.batch_size, self.stats, skip_rows=pos.rows)
+            pos.done.add(path)
+            pos.current, pos.rows = None, 0
+
+    def _read(self, paths: list[str], batch_size: int, stats: ReadStats, shard=(0, 1),
+              skip_rows: int = 0) -> Iterator[Batch]:
         cfg = self.cfg
         header = {"auto": None, "yes": True, "no": False}[cfg.header]
         return read_schema_batches(paths, self.schema, batch_size, stats, cfg.strict, shard=shard, header=header,
-                                   delimiter=cfg.delimiter or None)
+                                   delimiter=cfg.delimiter or None, skip_rows=skip_rows)
 
     def _train_step(self, batch: Batch, writer, step: int):
         summarize = writer is not None and (step + 1) % self.cfg.summary_every == 0
