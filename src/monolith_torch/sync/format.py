@@ -177,7 +177,7 @@ def _rows_table(ids: np.ndarray, values: np.ndarray) -> pa.Table:
 
 
 def _dense_table(dense: Mapping[str, np.ndarray]) -> pa.Table:
-    arrays = {name: np.ascontiguousarray(a) for name, a in dense.items()}
+    arrays = {name: np.asarray(a).copy(order="C") for name, a in dense.items()}
     return pa.table({
         "name": pa.array(list(arrays), type=pa.utf8()),
         "dtype": pa.array([a.dtype.name for a in arrays.values()], type=pa.utf8()),

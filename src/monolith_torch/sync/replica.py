@@ -65,6 +65,13 @@ def apply_publication(pub: Publication, tables: Mapping, model: torch.nn.Module)
         model.load_state_dict({k: torch.from_numpy(v) for k, v in pub.dense.items()})
 
 
+def _key(pub: tuple[int, str, str]) -> tuple[int, int]:
+    try:
+        return pub[0], os.stat(pub[2]).st_ino
+    except OSError:
+        return pub[0], -1
+
+
 class Replica:
     """Tables and a model kept at the newest version an export folder offers.
 
@@ -86,11 +93,11 @@ class Replica:
         self.wall_time = 0.0
         self.refused = 0
         self.last_error: str | None = None
-        self._refused_seqs: set[int] = set()
+        self._refused: set[tuple[int, int]] = set()  # (seq, folder inode): a folder replaced later is read again
 
     def _next(self, pubs: list[tuple[int, str, str]]) -> tuple[int, str, str] | None:
         """The publication to apply next: the next seq, else the newest full snapshot ahead (a jump)."""
-        ahead = [p for p in pubs if (self.seq is None or p[0] > self.seq) and p[0] not in self._refused_seqs]
+        ahead = [p for p in pubs if (self.seq is None or p[0] > self.seq) and _key(p) not in self._refused]
         fulls = [p for p in ahead if p[1] == "full"]
         if self.seq is None:
             return fulls[-1] if fulls else None
@@ -113,7 +120,7 @@ class Replica:
                     raise SyncError(f"{path!r}: applies on {pub.base_seq}, this replica holds {self.seq}")
             except SyncError as e:
                 if os.path.isdir(path):
-                    self._refuse(seq, str(e))
+                    self._refuse(nxt, str(e))
                 continue  # else pruned while it was read: list again
             with self.lock:
                 apply_publication(pub, self.tables, self.model)
@@ -121,11 +128,11 @@ class Replica:
                 self.global_step, self.clock, self.wall_time = pub.global_step, pub.clock, pub.wall_time
             applied += 1
 
-    def _refuse(self, seq: int, why: str) -> None:
-        self._refused_seqs.add(seq)
+    def _refuse(self, pub: tuple[int, str, str], why: str) -> None:
+        self._refused.add(_key(pub))
         self.refused += 1
         self.last_error = why
-        logger.warning("refused publication %d: %s", seq, why)
+        logger.warning("refused publication %d: %s", pub[0], why)
 
     @contextlib.contextmanager
     def reading(self):

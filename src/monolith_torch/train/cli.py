@@ -1,8 +1,9 @@
-"""``monolith-torch``: train, evaluate and score a CTR model with Monolith's machinery.
+"""``monolith-torch``: train, evaluate, score and serve a CTR model (serve: ``monolith-torch serve --help``).
 
     monolith-torch train [--config run.toml] [--data 'day_*.tsv.gz'] [--flag value ...]
     monolith-torch eval --run-dir runs/default [--eval-data held_out.tsv]
     monolith-torch predict --run-dir runs/default --data new.tsv --output scores.tsv
+    monolith-torch serve --export-dir exports/default [--port 8080]   (HTTP; monolith_torch.serve.cli)
     torchrun --nproc_per_node 2 -m monolith_torch train ...
 
 Every failure prints one ``error:`` line (text from data files and paths
@@ -16,6 +17,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -25,6 +27,7 @@ from monolith_torch.checkpoint import CheckpointError
 from monolith_torch.core.fileio import append_file, check_target, printable
 from monolith_torch.train.config import HELP, ConfigError, TrainConfig, load_config
 from monolith_torch.train.data import DataError, expand_paths
+from monolith_torch.train.follow import check_follow_patterns
 from monolith_torch.train.run_dir import RunPaths, check_outputs, saved_model_settings
 
 __all__ = ["main", "EXIT_CODES"]
@@ -75,6 +78,18 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
                                 help=f"{HELP[f.name]} (default {f.default!r})")
 
 
+def _number_or_text(kind: type):
+    """An argparse ``type`` that leaves text it cannot parse as is, for the generator to reject in one line."""
+
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            return text
+
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monolith-torch", description=__doc__.split("\n")[0],
                                      epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,17 +103,37 @@ def _parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", default=None, help="a TOML file of settings (flags override it)")
         _add_setting_flags(p)
-    p = sub.add_parser("data", help="write a real data set, ready to train, and its schema TOML", epilog=EXIT_CODES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", choices=["movielens-100k"],
-                   help="movielens-100k: from the recbole==1.2.1 wheel on PyPI, read without installing it")
-    p.add_argument("--out", required=True, help="the folder for train/valid/test Parquet files and schema.toml")
+    p = sub.add_parser("data", help="write a data set, ready to train: MovieLens, or a drifting Criteo-format stream",
+                       epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", choices=["movielens-100k", "criteo-stream"],
+                   help="movielens-100k: from the recbole==1.2.1 wheel on PyPI, read without installing it; "
+                        "criteo-stream: generated part-NNNNN.tsv files whose ids and popularity drift, "
+                        "for training with --follow")
+    p.add_argument("--out", required=True,
+                   help="the folder: movielens-100k, train/valid/test Parquet files and schema.toml; "
+                        "criteo-stream, the part files")
     p.add_argument("--wheel-dir", default=None,
-                   help="where the wheel is, or is downloaded to (a cache; default: a temporary folder)")
+                   help="movielens-100k: where the wheel is, or is downloaded to "
+                        "(a cache; default: a temporary folder)")
+    # dest stream_*: train's setting flags own the plain names (seed), and main() keeps these out of them.
+    p.add_argument("--files", dest="stream_files", metavar="N", type=_number_or_text(int), default=20,
+                   help="criteo-stream: files to write (default 20)")
+    p.add_argument("--rows-per-file", dest="stream_rows_per_file", metavar="R", type=_number_or_text(int), default=5000,
+                   help="criteo-stream: rows per file (default 5000)")
+    p.add_argument("--drift", dest="stream_drift", metavar="X", type=_number_or_text(float), default=1.0,
+                   help="criteo-stream: drift rate, 0 for a stationary stream (default 1.0)")
+    p.add_argument("--seed", dest="stream_seed", metavar="S", type=_number_or_text(int), default=0,
+                   help="criteo-stream: the hidden truth (ids, weights; default 0)")
+    p.add_argument("--interval", dest="stream_interval", metavar="SECONDS", type=_number_or_text(float), default=0.0,
+                   help="criteo-stream: seconds to wait between files, a live trickle (default 0)")
+    p.add_argument("--first", dest="stream_first", metavar="K", type=_number_or_text(int), default=0,
+                   help="criteo-stream: index of the first file; continues an earlier stream (default 0)")
     return parser
 
 
 def _data(args) -> int:
+    if args.dataset == "criteo-stream":
+        return _data_criteo_stream(args)
     from monolith_torch.train.datasets import prepare_movielens_100k
 
     try:
@@ -113,6 +148,33 @@ def _data(args) -> int:
         print(f"{name}: {path}")
     print(f"train with: monolith-torch train --config {written['schema']} --data {written['train']} "
           f"--eval-data {written['test']} --run-dir runs/movielens")
+    return 0
+
+
+# The generator names its parameters, the user typed flags: errors name the flag.
+_STREAM_FLAG_NAMES = {"num_files": "files", "interval_s": "interval"}
+
+
+def _data_criteo_stream(args) -> int:
+    from monolith_torch.train.data import generate_criteo_stream
+
+    try:
+        written = generate_criteo_stream(
+            args.out, args.stream_files, args.stream_rows_per_file, seed=args.stream_seed,
+            drift=args.stream_drift, first=args.stream_first, interval_s=args.stream_interval,
+        )
+    except ValueError as e:
+        message = str(e)
+        for param, flag in _STREAM_FLAG_NAMES.items():
+            message = message.replace(f"Invalid {param}:", f"Invalid {flag}:", 1)
+        _error("data", message)
+        return EXIT_USAGE
+    except OSError as e:
+        _error("data", e)
+        return EXIT_IO
+    print(f"wrote {len(written)} files ({args.stream_rows_per_file} rows each) to {args.out}")
+    print(f"train with: monolith-torch train --follow --data {shlex.quote(args.out)} --follow-idle-exit 10 "
+          "--run-dir runs/stream")
     return 0
 
 
@@ -154,8 +216,16 @@ def _validate(command: str, cfg: TrainConfig) -> None:
     log = os.path.join(cfg.run_dir, "train.log")
     if os.path.islink(log):
         raise ConfigError(f"Invalid run_dir: {cfg.run_dir!r} ({log!r} is a symbolic link; refusing to log through it)")
-    if cfg.data:
+    if cfg.follow and command == "train":
+        check_follow_patterns(cfg.data)
+    elif cfg.data:
         expand_paths(cfg.data)
+    if cfg.export_dir and command == "train" and (
+        os.path.islink(cfg.export_dir) or os.path.exists(cfg.export_dir) and not os.path.isdir(cfg.export_dir)
+    ):
+        raise ConfigError(f"Invalid export_dir: {cfg.export_dir!r} (a file or a link, not a folder)")
+    if cfg.init_from and not os.path.isfile(cfg.init_from):
+        raise ConfigError(f"Invalid init_from: {cfg.init_from!r} (no such checkpoint file)")
     if cfg.eval_data:
         expand_paths(cfg.eval_data)
     if command == "predict" and not cfg.data:
@@ -245,7 +315,9 @@ def _error(command: str, message: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "dataset", "out", "wheel_dir")}
+    data_args = ("dataset", "out", "wheel_dir", "stream_files", "stream_rows_per_file", "stream_drift", "stream_seed",
+                 "stream_interval", "stream_first")
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", *data_args)}
     # The training loop and data generation install their own handlers and put this one back.
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None

@@ -2,9 +2,11 @@
 
 A Criteo line is ``label \\t I1..I13 \\t C1..C26``: a 0/1 label, 13 integer
 counts and 26 categorical features as hex ids, any field but the label may be
-empty. ``generate_criteo`` writes such files (the default run's data); they
-are read like any other data, by ``train.readers.read_schema_batches`` with
-the Criteo preset schema (``train.schema.criteo_schema``).
+empty. ``generate_criteo`` writes such files (the default run's data);
+``generate_criteo_stream`` writes a folder of them that drifts (new ids
+appear, popularity shifts), for real-time training. They are read like any
+other data, by ``train.readers.read_schema_batches`` with the Criteo preset
+schema (``train.schema.criteo_schema``).
 
 What the readers share lives here: ``DataError`` (an unreadable file, or a
 malformed line under ``strict``), ``ReadStats`` (rows read and malformed lines
@@ -15,7 +17,11 @@ from __future__ import annotations
 
 import glob
 import gzip
+import math
+import numbers
 import os
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +44,7 @@ __all__ = [
     "ReadStats",
     "expand_paths",
     "generate_criteo",
+    "generate_criteo_stream",
 ]
 
 NUM_INT = 13
@@ -111,6 +118,7 @@ class _World:
     weights: list[np.ndarray]
     pair: np.ndarray
     dense_w: np.ndarray
+    scales: np.ndarray  # the std of each feature's weights; the stream's new ids draw theirs with it
 
 
 def _make_world(seed: int) -> _World:
@@ -121,18 +129,30 @@ def _make_world(seed: int) -> _World:
     weights = [rng.normal(0.0, s, v) for s, v in zip(scales, vocab, strict=True)]
     pair = rng.normal(0.0, 0.9, (32, 32))
     dense_w = rng.normal(0.0, 0.35, NUM_INT)
-    return _World(vocab, missing, weights, pair, dense_w)
+    return _World(vocab, missing, weights, pair, dense_w, scales)
 
 
-def _generate_rows(world: _World, rng: np.random.Generator, n: int, seed: int) -> dict[str, pa.Array]:
+def _generate_rows(
+    world: _World, rng: np.random.Generator, n: int, seed: int, slide: np.ndarray | None = None
+) -> dict[str, pa.Array]:
+    """``n`` rows as Arrow string columns by name.
+
+    ``slide`` (n,), the stream's drift: row i's window of active ids has slid
+    by ``slide[i]`` vocabularies. A popularity rank r then names id key
+    ``r - floor(slide * vocab)``: the most popular ids are the newest (negative
+    keys, weights from ``_new_id_weights``), and the oldest fall off the tail.
+    None: no drift (key = rank), as ``generate_criteo`` writes.
+    """
     cols: dict[str, pa.Array] = {}
     logit = np.full(n, -1.2)
     idx = np.empty((n, NUM_CAT), dtype=np.int64)
     for f in range(NUM_CAT):
-        # Skewed popularity: small indices are frequent, as real id streams are.
+        # Skewed popularity: small ranks are frequent, as real id streams are.
         idx[:, f] = np.minimum((world.vocab[f] * rng.random(n) ** 2.5).astype(np.int64), world.vocab[f] - 1)
+        if slide is not None:
+            idx[:, f] -= np.floor(slide * world.vocab[f]).astype(np.int64)
         present = rng.random(n) >= world.missing[f]
-        logit += np.where(present, world.weights[f][idx[:, f]], 0.0)
+        logit += np.where(present, _id_weights(world, f, idx[:, f], seed), 0.0)
         salt = np.uint64((seed << 20) & MASK64)
         hex_ids = splitmix64_np(idx[:, f].astype(np.uint64) * np.uint64(NUM_CAT) + np.uint64(f) + salt)
         cols[CAT_COLUMNS[f]] = _where_present(present, _hex8(hex_ids))
@@ -146,6 +166,30 @@ def _generate_rows(world: _World, rng: np.random.Generator, n: int, seed: int) -
     labels = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
     cols["label"] = pa.array(labels).cast(pa.string())
     return cols
+
+
+def _id_weights(world: _World, f: int, keys: np.ndarray, seed: int) -> np.ndarray:
+    """Hidden weights of feature ``f``'s id keys: the world's table, or ``_new_id_weights`` for keys < 0."""
+    table = world.weights[f]
+    new = keys < 0
+    if not new.any():
+        return table[keys]
+    return np.where(new, _new_id_weights(world, f, keys, seed), table[np.maximum(keys, 0)])
+
+
+def _new_id_weights(world: _World, f: int, keys: np.ndarray, seed: int) -> np.ndarray:
+    """Normal weights of the stream's scale for feature ``f``, a hash of (seed, f, key): no table, no limit.
+
+    Box-Muller on two splitmix64 draws, so a key has the same weight in every
+    file of a stream, however far the stream runs.
+    """
+    base = keys.astype(np.uint64) * np.uint64(NUM_CAT) + np.uint64(f)
+    # A tag of its own, so a weight is not a function of the printed hex id (salted ``seed << 20``).
+    h1 = splitmix64_np(base ^ np.uint64(((seed << 24) ^ 0x5EED_D21F7) & MASK64))
+    h2 = splitmix64_np(h1 ^ np.uint64(0x9E37_79B9_7F4A_7C15))
+    u1 = ((h1 >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0**-53  # (0, 1]: log(u1) is finite
+    u2 = (h2 >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return world.scales[f] * np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
 
 
 _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
@@ -194,12 +238,110 @@ def generate_criteo(path: str, num_rows: int, seed: int = 0, part: int = 0, chun
     return path
 
 
-def _write_rows(out, world: _World, rng: np.random.Generator, num_rows: int, seed: int, chunk_rows: int) -> None:
+def _write_rows(
+    out, world: _World, rng: np.random.Generator, num_rows: int, seed: int, chunk_rows: int,
+    drift: float = 0.0, first_row: int = 0,
+) -> None:
     for start in range(0, num_rows, chunk_rows):
-        cols = _generate_rows(world, rng, min(chunk_rows, num_rows - start), seed)
+        n = min(chunk_rows, num_rows - start)
+        slide = None
+        if drift:
+            slide = drift * (first_row + start + np.arange(n, dtype=np.float64)) / _TURNOVER_ROWS
+        cols = _generate_rows(world, rng, n, seed, slide)
         buf = pa.BufferOutputStream()
         pacsv.write_csv(
             pa.table({name: cols[name] for name in COLUMNS}), buf,
             pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none"),
         )
         out.write(buf.getvalue())
+
+
+# ---------------------------------------------------------------- the drifting stream
+
+# The stream's clock is its row count: at drift 1 every categorical feature's
+# window of active ids slides by its whole vocabulary per this many rows.
+_TURNOVER_ROWS = 500_000
+_MAX_FILES = 100_000  # part-00000 .. part-99999: names sort in stream order
+
+
+def generate_criteo_stream(
+    out_dir: str,
+    num_files: int,
+    rows_per_file: int,
+    seed: int = 0,
+    drift: float = 1.0,
+    first: int = 0,
+    interval_s: float = 0.0,
+    stop: threading.Event | None = None,
+) -> list[str]:
+    """Writes a Criteo-format stream that drifts: ``part-<k:05d>.tsv`` for k = first .. first + num_files - 1.
+
+    Lines as ``generate_criteo`` writes them, so the Criteo preset reads them.
+    Row i of file k is the stream's row ``k * rows_per_file + i``, and that
+    position alone sets the drift: at ``drift`` 1 each categorical feature's
+    window of active ids slides by its vocabulary per 500,000 rows. New
+    ids enter as the most popular and fade as newer ones arrive (the oldest
+    leave at the tail), so later files hold ids the first never did, with
+    hidden weights of their own, and the frequent ids change over time.
+    ``drift`` 0: every file samples ``generate_criteo``'s distribution for
+    ``seed``. The dense features, the missing rates and the planted pair
+    interaction do not drift. File k depends only on (seed, drift,
+    rows_per_file, k): a second call with ``first`` set continues the stream.
+
+    Each file is written with ``core.fileio.atomic_write`` (a ``.part-*.tmp-*``
+    dot-file renamed into place), so a reader that skips dot-files, as
+    ``expand_paths`` does, sees whole files only; an interrupt leaves the
+    files already written intact and no temp file.
+
+    Args:
+        out_dir: the folder, created if missing; existing files of the same
+            names are replaced.
+        num_files: files to write, >= 1.
+        rows_per_file: rows per file, >= 1.
+        seed: the hidden truth (ids, weights), as ``generate_criteo``'s.
+        drift: the drift rate, >= 0 (0: stationary).
+        first: the index of the first file.
+        interval_s: seconds to wait between files (a live trickle), >= 0.
+        stop: ends the stream early when set (checked before each file and
+            during the wait).
+
+    Returns:
+        The paths written, in stream order.
+
+    Raises:
+        ValueError: a bad ``num_files``, ``rows_per_file``, ``seed``,
+            ``drift``, ``first`` or ``interval_s``; nothing is written.
+        OSError: ``out_dir`` cannot be created or a file cannot be written.
+    """
+    _check_stream_args(num_files, rows_per_file, seed, drift, first, interval_s)
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    world = _make_world(seed)
+    written: list[str] = []
+    for k in range(first, first + num_files):
+        if written and interval_s > 0:
+            if stop is None:
+                time.sleep(interval_s)
+            elif stop.wait(interval_s):
+                break
+        if stop is not None and stop.is_set():
+            break
+        path = os.path.join(out_dir, f"part-{k:05d}.tsv")
+        with atomic_write(path, "wb") as out:
+            _write_rows(out, world, np.random.default_rng([seed, k, 2]), rows_per_file, seed, 100_000,
+                        float(drift), k * rows_per_file)
+        written.append(path)
+    return written
+
+
+def _check_stream_args(num_files, rows_per_file, seed, drift, first, interval_s) -> None:
+    for name, value, low in (("num_files", num_files, 1), ("rows_per_file", rows_per_file, 1),
+                             ("seed", seed, 0), ("first", first, 0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= {low})")
+    for name, value in (("drift", drift), ("interval_s", interval_s)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"Invalid {name}: {value!r} (expected a finite number >= 0)")
+    if first + num_files > _MAX_FILES:
+        raise ValueError(f"Invalid first: {first!r} (expected first + num_files <= {_MAX_FILES}, "
+                         "so that the 5-digit file names sort in stream order)")
