@@ -218,9 +218,11 @@ class HashIndex:
             bucket = (bucket.index_select(0, pending) + width) & (self._num_buckets - 1)
             width = min(4 * width, 64)
 
-    def items(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(keys [R], rows [R]) of the live entries, ordered by row."""
+    def items(self, ordered: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys [R], rows [R]) of the live entries, ordered by row (``ordered=False``: in slot order, no sort)."""
         keys, rows = self._live()
+        if not ordered:
+            return keys, rows
         order = torch.argsort(rows)
         return keys[order], rows[order]
 

@@ -490,7 +490,7 @@ class EmbeddingTable(FeatureEmbTable):
         """
         if self._touched is None:
             raise RuntimeError(f"table {self.name!r} does not track changes; call track_changes() first")
-        keys, rows = self._index.items()
+        keys, rows = self._index.items(ordered=False)
         changed = self._touched[rows]
         rows = rows[changed]
         removed = torch.cat(self._removed) if self._removed else keys.new_zeros(0)

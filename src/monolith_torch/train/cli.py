@@ -205,6 +205,10 @@ def _print_table(metrics: dict) -> None:
     for name, train, evaluation in rows:
         print(f"{name:<10}{fmt(train):>12}{fmt(evaluation):>12}")
     print(f"steps {metrics['steps']}, {metrics['examples_per_sec']:.0f} examples/s, {metrics['seconds']:.1f} s")
+    if metrics.get("progressive_windows", 0) > 1:
+        print(f"progressive AUC (scored before training, windows of {metrics['progressive_window_rows']} rows): "
+              f"{metrics['progressive_first_auc']:.4f} in the first, {metrics['progressive_last_auc']:.4f} in the "
+              f"last of {metrics['progressive_windows']} (progressive.csv)")
     print(f"data: {metrics['data_summary']}")
     if metrics.get("checkpoint"):
         print(f"checkpoint: {metrics['checkpoint']}")

@@ -94,7 +94,9 @@ class ProgressiveValidation:
         self._rows = _Window(0)
         self._times: dict[int, _Window] = {}
         self._newest_time_window: int | None = None
-        self.last_lines: list[list] = []
+        # AUC of the first and the newest closed row window, and how many closed: for the run's summary.
+        self.row_windows = 0
+        self.first_auc = self.last_auc = float("nan")
 
     def _write(self, lines: list[list]) -> None:
         if not lines:
@@ -105,7 +107,12 @@ class ProgressiveValidation:
             if new:
                 out.writerow(CSV_COLUMNS)
             out.writerows(lines)
-        self.last_lines = lines
+        for line in lines:
+            if line[0] == "rows":
+                self.row_windows += 1
+                self.last_auc = float(line[4])
+                if self.row_windows == 1:
+                    self.first_auc = self.last_auc
         if self.writer is not None:
             for kind, _start, end, _n, auc, loss, *_ in lines:
                 self.writer.add_scalar(f"progressive/auc_{kind}", float(auc), end)
@@ -158,10 +165,16 @@ class ProgressiveValidation:
                   for _, w in sorted(self._times.items())]
         self._write(lines)
 
+    def summary(self) -> dict:
+        """Closed row windows so far, with the AUC of the first and the newest (a run's metrics)."""
+        return {"progressive_windows": self.row_windows, "progressive_window_rows": self.window_rows,
+                "progressive_first_auc": self.first_auc, "progressive_last_auc": self.last_auc}
+
     def state_dict(self) -> dict:
         return {"seen": self.seen, "late": self.late, "rows": self._rows.state_dict(),
                 "times": {k: w.state_dict() for k, w in self._times.items()},
-                "newest_time_window": self._newest_time_window}
+                "newest_time_window": self._newest_time_window,
+                "summary": [self.row_windows, self.first_auc, self.last_auc]}
 
     def restore(self, state: dict | None) -> None:
         """Continues from a checkpoint's ``state_dict`` (None: from nothing) and trims the CSV to it."""
@@ -171,6 +184,7 @@ class ProgressiveValidation:
             self._rows = _Window.from_state(state["rows"])
             self._times = {int(k): _Window.from_state(w) for k, w in state["times"].items()}
             self._newest_time_window = state["newest_time_window"]
+            self.row_windows, self.first_auc, self.last_auc = state.get("summary", (0, float("nan"), float("nan")))
             seen = self.seen
         if not os.path.exists(self.csv_path):
             return

@@ -364,6 +364,8 @@ class Trainer:
                 if key in metrics:
                     writer.add_scalar(key, metrics[key], int(self.global_step))
             writer.close()
+        if self.progressive is not None:
+            metrics.update(self.progressive.summary())
         metrics["malformed_lines"], metrics["data_summary"] = self._data_summary()
         metrics["checkpoint"] = path
         metrics["state_digest"] = state_digest(self.factory, self.model)
