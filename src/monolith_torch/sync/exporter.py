@@ -94,7 +94,7 @@ class DeltaExporter:
         self.keep_fulls = keep_fulls
         self.seq = 0
         self.published = 0
-        self._last = {"sync": 0.0, "dense": 0.0, "full": 0.0}
+        self._last: dict[str, float | None] = {"sync": 0.0, "dense": 0.0, "full": 0.0}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: concurrent.futures.Future | None = None
 
@@ -117,12 +117,18 @@ class DeltaExporter:
         for table in self.factory.tables.values():
             table.track_changes()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="export")
-        self._publish("full", global_step, self.clock())
+        now = self.clock()
+        self._publish("full", global_step, now)
         self._wait()
+        if not now:  # a data clock before the first row: the intervals start with the first step
+            self._last = dict.fromkeys(self._last)
 
     def maybe_publish(self, global_step: int) -> bool:
         """Publishes what is due on the clock; returns whether it published."""
         now = self.clock()
+        if self._last["sync"] is None:
+            self._last = dict.fromkeys(self._last, now)
+            return False
         if now - self._last["full"] >= self.full_every > 0:
             self._publish("full", global_step, now)
         elif now - self._last["sync"] >= self.sync_every:
