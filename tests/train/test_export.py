@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
+import pytest
 import torch
 
 from monolith_torch.checkpoint import restore_checkpoint
@@ -13,6 +18,7 @@ from monolith_torch.sync.replica import Replica
 from monolith_torch.train.build import build_run_model
 from monolith_torch.train.cli import main
 from monolith_torch.train.config import TrainConfig
+from monolith_torch.train.data import generate_criteo
 from monolith_torch.train.run_dir import RunPaths
 
 SMALL = ["--generated-train-rows", "6000", "--generated-eval-rows", "1000", "--batch-size", "500", "--hidden", "16"]
@@ -72,3 +78,24 @@ def test_export_dir_of_another_run_is_refused_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Invalid export_dir" in err and "another run" in err and "Traceback" not in err
     assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+@pytest.mark.timeout(300)
+def test_sharded_tables_export_one_part_per_rank_and_replay_to_the_union_of_shards(tmp_path):
+    data, run, export = tmp_path / "t.tsv", tmp_path / "run", str(tmp_path / "export")
+    generate_criteo(str(data), 6000, seed=0)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "monolith_torch", "train", "--run-dir", str(run), "--data", str(data), "--sharded-tables",
+           "--export-dir", export, "--sync-every", "0", "--dist-timeout-s", "60", *SMALL]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    full = read_publication(list_publications(export)[0][2])
+    parts = json.loads(open(os.path.join(full.path, "manifest.json")).read())["tables"]["C1"]["parts"]
+    assert [p["file"] for p in parts] == ["table-0000.part-0000.arrow", "table-0000.part-0001.arrow"]
+    replica, built = _replay(export)
+    ref = build_run_model(TrainConfig(hidden=(16,)))
+    restore_checkpoint(RunPaths(str(run)).latest_checkpoint(), NativeContext(feature_factory=ref.factory), ref.model)
+    got, want = _serving_state(built.factory), _serving_state(ref.factory)
+    for name in want:
+        assert torch.equal(got[name][0], want[name][0]) and torch.equal(got[name][1], want[name][1]), name
+    assert replica.refused == 0

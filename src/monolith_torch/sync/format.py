@@ -56,7 +56,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -70,11 +70,14 @@ __all__ = [
     "Publication",
     "SyncError",
     "TableRows",
+    "begin_publication",
+    "finish_publication",
     "list_publications",
     "newest_run_id",
     "prune_publications",
     "read_publication",
     "remove_temp_publications",
+    "write_parts",
     "write_publication",
 ]
 
@@ -195,6 +198,104 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def begin_publication(export_dir: str, seq: int, kind: str) -> str:
+    """Makes the dot-folder a publication is written into (then ``write_parts``, ``finish_publication``).
+
+    Raises:
+        ValueError: a bad kind.
+        FileExistsError: the publication exists already.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"Invalid kind: {kind!r} (expected one of {KINDS})")
+    name = publication_name(seq, kind)
+    if os.path.lexists(os.path.join(export_dir, name)):
+        raise FileExistsError(f"publication {os.path.join(export_dir, name)!r} exists already")
+    tmp = os.path.join(export_dir, f".{name}.tmp-{secrets.token_hex(8)}")
+    os.mkdir(tmp, 0o755)
+    return tmp
+
+
+def write_parts(folder: str, kind: str, tables: Mapping[str, TableRows], part: int = 0) -> dict[str, dict]:
+    """Writes one part (one rank's rows) of every table into ``folder``; returns slot -> its file entries.
+
+    Tables are numbered in the order of ``tables`` (the same on every rank).
+    ``removed`` is written for deltas only.
+
+    Raises:
+        ValueError: values that do not fit their ids.
+    """
+    out = {}
+    for i, (slot, rows) in enumerate(tables.items()):
+        if rows.values.ndim != 2 or rows.values.shape[0] != rows.ids.shape[0]:
+            raise ValueError(f"table {slot!r}: values {rows.values.shape} do not fit ids {rows.ids.shape}")
+        entry = {"dim": int(rows.values.shape[1]),
+                 "parts": [_write_arrow(folder, f"table-{i:04d}.part-{part:04d}.arrow", _rows_table(rows.ids, rows.values))],
+                 "removed": []}
+        if kind == "delta":
+            removed = pa.table({"id": pa.array(np.ascontiguousarray(rows.removed, dtype=np.int64))})
+            entry["removed"].append(_write_arrow(folder, f"removed-{i:04d}.part-{part:04d}.arrow", removed))
+        out[slot] = entry
+    return out
+
+
+def finish_publication(
+    export_dir: str,
+    folder: str,
+    seq: int,
+    kind: str,
+    run_id: str,
+    parts: Sequence[Mapping[str, dict]],
+    table_rows: Mapping[str, int],
+    dense: Mapping[str, np.ndarray] | None,
+    global_step: int,
+    clock: float,
+    wall_time: float,
+    model_settings: dict | None = None,
+) -> str:
+    """Writes the dense parameters and the manifest into ``folder`` and renames it into place; returns the path.
+
+    Args:
+        parts: ``write_parts``' result of each part, in part (rank) order.
+        table_rows: per slot, its row count after applying (all parts).
+        dense: parameter name -> array, or None (a delta without dense parameters).
+        model_settings: a full snapshot's model settings (JSON-able).
+
+    Raises:
+        ValueError: a full snapshot without dense parameters. The folder is removed on any error.
+        OSError: the write failed; no publication is left.
+    """
+    try:
+        if kind == "full" and dense is None:
+            raise ValueError("a full snapshot needs the dense parameters")
+        tables = {}
+        for slot in parts[0] if parts else {}:
+            tables[slot] = {"dim": parts[0][slot]["dim"], "rows": int(table_rows[slot]),
+                            "parts": [e for p in parts for e in p[slot]["parts"]],
+                            "removed": [e for p in parts for e in p[slot]["removed"]]}
+        manifest = {
+            "format": FORMAT, "version": VERSION, "run_id": run_id, "seq": int(seq), "kind": kind,
+            "base_seq": int(seq) - 1 if kind == "delta" else None,
+            "global_step": int(global_step), "clock": float(clock), "wall_time": float(wall_time),
+            "model_settings": model_settings if kind == "full" else None,
+            "tables": tables,
+            "dense": _write_arrow(folder, "dense.arrow", _dense_table(dense)) if dense is not None else None,
+        }
+        path = os.path.join(folder, "manifest.json")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(folder)
+        final = os.path.join(export_dir, publication_name(seq, kind))
+        os.rename(folder, final)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    _fsync_dir(export_dir)
+    return final
+
+
 def write_publication(
     export_dir: str,
     seq: int,
@@ -208,13 +309,7 @@ def write_publication(
     wall_time: float,
     model_settings: dict | None = None,
 ) -> str:
-    """Writes one publication atomically (temp folder, fsync, rename); returns its path.
-
-    Args:
-        tables: per slot, its rows (``removed`` is ignored for a full snapshot).
-        table_rows: per slot, its row count after applying.
-        dense: parameter name -> array, or None (a delta without dense parameters).
-        model_settings: a full snapshot's model settings (JSON-able).
+    """Writes a one-part publication atomically (temp folder, fsync, rename); returns its path.
 
     Raises:
         ValueError: a bad kind, a full snapshot without dense parameters, shapes that do not fit.
@@ -222,50 +317,14 @@ def write_publication(
         OSError: the write failed; no publication is left (a killed writer leaves a dot-folder,
             which ``remove_temp_publications`` removes).
     """
-    if kind not in KINDS:
-        raise ValueError(f"Invalid kind: {kind!r} (expected one of {KINDS})")
-    if kind == "full" and dense is None:
-        raise ValueError("a full snapshot needs the dense parameters")
-    for name, part in tables.items():
-        if part.values.ndim != 2 or part.values.shape[0] != part.ids.shape[0]:
-            raise ValueError(f"table {name!r}: values {part.values.shape} do not fit ids {part.ids.shape}")
-    name = publication_name(seq, kind)
-    final = os.path.join(export_dir, name)
-    if os.path.lexists(final):
-        raise FileExistsError(f"publication {final!r} exists already")
-    tmp = os.path.join(export_dir, f".{name}.tmp-{secrets.token_hex(8)}")
-    os.mkdir(tmp, 0o755)
+    folder = begin_publication(export_dir, seq, kind)
     try:
-        manifest_tables = {}
-        for i, (slot, part) in enumerate(tables.items()):
-            entry = {"dim": int(part.values.shape[1]), "rows": int(table_rows[slot]),
-                     "parts": [_write_arrow(tmp, f"table-{i:04d}.part-0000.arrow", _rows_table(part.ids, part.values))],
-                     "removed": []}
-            if kind == "delta":
-                removed = pa.table({"id": pa.array(np.ascontiguousarray(part.removed, dtype=np.int64))})
-                entry["removed"].append(_write_arrow(tmp, f"removed-{i:04d}.part-0000.arrow", removed))
-            manifest_tables[slot] = entry
-        manifest = {
-            "format": FORMAT, "version": VERSION, "run_id": run_id, "seq": int(seq), "kind": kind,
-            "base_seq": int(seq) - 1 if kind == "delta" else None,
-            "global_step": int(global_step), "clock": float(clock), "wall_time": float(wall_time),
-            "model_settings": model_settings if kind == "full" else None,
-            "tables": manifest_tables,
-            "dense": _write_arrow(tmp, "dense.arrow", _dense_table(dense)) if dense is not None else None,
-        }
-        path = os.path.join(tmp, "manifest.json")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        os.rename(tmp, final)
+        parts = [write_parts(folder, kind, tables)]
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
         raise
-    _fsync_dir(export_dir)
-    return final
+    return finish_publication(export_dir, folder, seq, kind, run_id, parts, table_rows, dense, global_step,
+                              clock, wall_time, model_settings)
 
 
 def remove_temp_publications(export_dir: str) -> list[str]:

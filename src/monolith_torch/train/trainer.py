@@ -327,14 +327,15 @@ class Trainer:
             self.progressive = ProgressiveValidation(self.paths.progressive, cfg.progressive_window_rows,
                                                      cfg.progressive_window_seconds, writer)
             self.progressive.restore(extra.get("progressive"))
-            if cfg.export_dir:
-                try:
-                    self.exporter = DeltaExporter(
-                        cfg.export_dir, run_id(self.paths), self.factory, self.model, model_settings(cfg),
-                        cfg.sync_every, cfg.dense_sync_every, cfg.full_every, clock=self.clock)
-                    self.exporter.start(int(self.global_step))
-                except ExportError as e:
-                    raise ConfigError(str(e)) from None
+        if cfg.export_dir and (self.rank == 0 or self.factory.shard_group() is not None):
+            # Replicated tables: rank 0 publishes; sharded: every rank its rows (collectives).
+            try:
+                self.exporter = DeltaExporter(
+                    cfg.export_dir, run_id(self.paths) if self.rank == 0 else "", self.factory, self.model,
+                    model_settings(cfg), cfg.sync_every, cfg.dense_sync_every, cfg.full_every, clock=self.clock)
+                self.exporter.start(int(self.global_step))
+            except ExportError as e:
+                raise ConfigError(str(e)) from None
         handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             metrics = self._train_loop(start, writer)
@@ -420,7 +421,7 @@ class Trainer:
             if self.position is not None:
                 self.position.rows += len(batch)
             if self.exporter is not None:
-                self.exporter.maybe_publish(step)
+                self._publish_due(step)
             if not applied:
                 continue
             if self.progressive is not None:
@@ -450,6 +451,18 @@ class Trainer:
             "examples_per_sec": seen * self.world / elapsed if elapsed > 0 else 0.0,
             "seconds": elapsed,
         }
+
+    def _publish_due(self, step: int) -> None:
+        """Publishes what the clock says is due; sharded tables: rank 0's clock decides, for every rank."""
+        exporter = self.exporter
+        if exporter.group is None:
+            exporter.maybe_publish(step)
+            return
+        kinds = (None, "delta", "full")
+        code = torch.tensor([kinds.index(exporter.due()) if self.rank == 0 else 0], dtype=torch.int32)
+        dist.all_reduce(code, op=dist.ReduceOp.MAX, group=exporter.group)
+        if int(code):
+            exporter.publish(kinds[int(code)], step)
 
     def _follow_batches(self) -> Iterator[Batch]:
         """--follow: batches of each new file in turn (a file's last batch may be short); updates ``position``.
