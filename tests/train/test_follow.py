@@ -151,3 +151,20 @@ def test_kill_9_at_random_points_loses_nothing(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert _metrics(run)["state_digest"] == reference["state_digest"]
     assert _metrics(run)["steps"] == reference["steps"]
+
+
+def test_follow_weighs_a_short_batch_by_its_rows(tmp_path):
+    """A file's short last batch moves the weights rows / batch_size as far as the plain mean would."""
+    data = generate_criteo(str(tmp_path / "t.tsv"), 100, seed=0)
+    deltas = {}
+    for follow in (False, True):
+        cfg = TrainConfig(run_dir=str(tmp_path / f"r{follow}"), batch_size=256, follow=follow, hidden=(8,),
+                          dense_optimizer="sgd", dense_lr=0.1, clip_norm=1e9)
+        trainer = Trainer(cfg, show_progress=False)
+        batch = next(iter(trainer._read([data], 256, trainer.stats)))
+        before = {k: v.clone() for k, v in trainer.model.named_parameters()}
+        trainer._train_step(batch, None, 0)
+        deltas[follow] = {k: v.detach() - before[k] for k, v in trainer.model.named_parameters()}
+    assert len(batch) == 100
+    for name, plain in deltas[False].items():
+        torch.testing.assert_close(deltas[True][name], plain * (100 / 256), rtol=1e-4, atol=1e-7)

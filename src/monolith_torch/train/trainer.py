@@ -494,10 +494,15 @@ class Trainer:
         self.model.train()
         logits = self.model(batch)
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        objective = loss
+        if self.position is not None and len(batch) < self.cfg.batch_size:
+            # --follow: a file's short last batch weighs its rows as a full batch does
+            # (the mean over fewer rows would move their ids batch_size / rows times as far).
+            objective = loss * (len(batch) / self.cfg.batch_size)
         # The step checks gradients for NaN/inf before it updates anything (one
         # host sync; in several processes one tiny allreduce, so all ranks agree).
         result = apply_gradients_with_var_optimizer(
-            self.ctx, [], self.optimizer, loss,
+            self.ctx, [], self.optimizer, objective,
             clip_type=GradClipType.ClipByGlobalNorm, clip_norm=self.cfg.clip_norm, global_step=self.global_step,
             grads_and_vars_summary=summarize, use_allreduce=self.world > 1,
             dense_weight_decay=self.cfg.dense_weight_decay, model=self.model, skip_nonfinite=True,
