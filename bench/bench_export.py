@@ -31,7 +31,14 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import Candidate, add_threads_argument, apply_threads, machine_line, measure, print_table  # noqa: E402
+from _common import (  # noqa: E402
+    Candidate,
+    add_threads_argument,
+    apply_threads,
+    machine_line,
+    measure,
+    print_table,
+)
 from monolith_torch.sync.exporter import DeltaExporter  # noqa: E402
 from monolith_torch.train.config import TrainConfig  # noqa: E402
 from monolith_torch.train.data import ReadStats, generate_criteo  # noqa: E402

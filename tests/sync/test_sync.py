@@ -63,7 +63,7 @@ def _assert_same(a: dict, b: dict) -> None:
 
 def _train_step(factory, rng, step) -> None:
     """Looks up a random batch (new ids appear over time) and applies random gradients."""
-    for name, table in factory.tables.items():
+    for table in factory.tables.values():
         ids = torch.from_numpy(rng.integers(step * 5, step * 5 + 40, size=30)).long()
         table.lookup_rows(ids)
         grads = torch.from_numpy(rng.normal(size=(30, table.dim)).astype(np.float32))
