@@ -2,6 +2,6 @@
 
 import sys
 
-from monolith_torch.train.cli import main
+from monolith_torch.cli import main
 
 sys.exit(main())

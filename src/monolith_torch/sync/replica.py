@@ -65,11 +65,13 @@ def apply_publication(pub: Publication, tables: Mapping, model: torch.nn.Module)
         model.load_state_dict({k: torch.from_numpy(v) for k, v in pub.dense.items()})
 
 
-def _key(pub: tuple[int, str, str]) -> tuple[int, int]:
+def _key(pub: tuple[int, str, str]) -> tuple[int, int, int]:
+    """Names one folder: its seq, inode and change time (an inode alone is reused after a removal)."""
     try:
-        return pub[0], os.stat(pub[2]).st_ino
+        st = os.stat(pub[2])
+        return pub[0], st.st_ino, st.st_ctime_ns
     except OSError:
-        return pub[0], -1
+        return pub[0], -1, -1
 
 
 class Replica:
@@ -93,7 +95,7 @@ class Replica:
         self.wall_time = 0.0
         self.refused = 0
         self.last_error: str | None = None
-        self._refused: set[tuple[int, int]] = set()  # (seq, folder inode): a folder replaced later is read again
+        self._refused: set[tuple[int, int, int]] = set()  # (seq, inode, ctime): a folder replaced later is read again
 
     def _next(self, pubs: list[tuple[int, str, str]]) -> tuple[int, str, str] | None:
         """The publication to apply next: the next seq, else the newest full snapshot ahead (a jump)."""
