@@ -583,12 +583,17 @@ def _record_column(values: list, column: str, separator: str | None) -> pa.Array
         return pa.array(values, pa.binary())  # the common case: every value a string or null
     except (pa.ArrowTypeError, pa.ArrowInvalid):
         pass
+    # Numbers (and nulls): a typed number column, parsed as a Parquet one is (never Arrow's type
+    # inference, which probes for optional modules on every call). int64 refuses bools, float64 not.
     try:
-        inferred = pa.array(values)
+        return pa.array(values, pa.int64())
     except (pa.ArrowTypeError, pa.ArrowInvalid, OverflowError):
-        inferred = None
-    if inferred is not None and pa.types.is_integer(inferred.type):  # integers and nulls: Arrow writes the text
-        return pc.cast(pc.cast(inferred, pa.string()), pa.binary())
+        pass
+    if not any(isinstance(v, bool) for v in values):
+        try:
+            return pa.array(values, pa.float64())
+        except (pa.ArrowTypeError, pa.ArrowInvalid, OverflowError):
+            pass
     as_lists = separator is not None and any(isinstance(v, list) for v in values)
     out = []
     for row, value in enumerate(values):
