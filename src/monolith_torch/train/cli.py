@@ -25,10 +25,11 @@ from dataclasses import fields
 
 from monolith_torch.checkpoint import CheckpointError
 from monolith_torch.core.fileio import append_file, check_target, printable
+from monolith_torch.sync.format import newest_run_id
 from monolith_torch.train.config import HELP, ConfigError, TrainConfig, load_config
 from monolith_torch.train.data import DataError, expand_paths
 from monolith_torch.train.follow import check_follow_patterns
-from monolith_torch.train.run_dir import RunPaths, check_outputs, saved_model_settings
+from monolith_torch.train.run_dir import RunPaths, check_outputs, run_id, saved_model_settings
 
 __all__ = ["main", "EXIT_CODES"]
 
@@ -224,10 +225,13 @@ def _validate(command: str, cfg: TrainConfig) -> None:
         check_follow_patterns(cfg.data)
     elif cfg.data:
         expand_paths(cfg.data)
-    if cfg.export_dir and command == "train" and (
-        os.path.islink(cfg.export_dir) or os.path.exists(cfg.export_dir) and not os.path.isdir(cfg.export_dir)
-    ):
-        raise ConfigError(f"Invalid export_dir: {cfg.export_dir!r} (a file or a link, not a folder)")
+    if cfg.export_dir and command == "train":
+        if os.path.islink(cfg.export_dir) or os.path.exists(cfg.export_dir) and not os.path.isdir(cfg.export_dir):
+            raise ConfigError(f"Invalid export_dir: {cfg.export_dir!r} (a file or a link, not a folder)")
+        other = newest_run_id(cfg.export_dir)
+        if other is not None and other != run_id(RunPaths(cfg.run_dir), create=False):
+            raise ConfigError(f"Invalid export_dir: {cfg.export_dir!r} holds the publications of another run "
+                              f"({other!r}); use an empty folder")
     if cfg.init_from and not os.path.isfile(cfg.init_from):
         raise ConfigError(f"Invalid init_from: {cfg.init_from!r} (no such checkpoint file)")
     if cfg.eval_data:

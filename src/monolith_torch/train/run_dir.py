@@ -229,8 +229,10 @@ def save_run_settings(paths: RunPaths, cfg: TrainConfig) -> None:
         json.dump({"model_settings": model_settings(cfg)}, f, indent=2)
 
 
-def run_id(paths: RunPaths) -> str:
+def run_id(paths: RunPaths, create: bool = True) -> str | None:
     """The run's id (``run_id`` file; made, atomically, when missing): names its exported publications.
+
+    ``create=False``: None when the run has no id yet (nothing is written).
 
     Raises:
         ConfigError: the file exists but is not an id.
@@ -238,6 +240,8 @@ def run_id(paths: RunPaths) -> str:
     try:
         text = read_limited(paths.run_id, 256).decode("ascii").strip()
     except FileNotFoundError:
+        if not create:
+            return None
         text = secrets.token_hex(8)
         with atomic_write(paths.run_id, "w") as f:
             f.write(text + "\n")
