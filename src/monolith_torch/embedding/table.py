@@ -18,6 +18,11 @@ state [R, d] per slice, last-update time [R], occurrence count [R]), kept
 under their ``table_state`` field names, plus a ``HashIndex`` from id to
 row; there are no per-id Python objects and no Python loops over ids.
 
+Growth (``row_growth``): the row tensors grow by 1/16 of their rows, by at
+least 1 MiB and at most doubling, so a large table's slack is at most 1/16 of
+its rows; on Linux a CPU table's row tensors live in memory maps extended in
+place.
+
 This module is the storage: growth, the occurrence filter, expiry and
 compaction, state. The update rules live in ``optimizers``, the initial
 values in ``initializers``, the state layout in ``table_state``. May import
@@ -38,6 +43,7 @@ from monolith_torch.embedding import entry, initializers, optimizers
 from monolith_torch.embedding import table_state as ts
 from monolith_torch.embedding.feature import DEFAULT_EXPIRE_TIME, FeatureEmbTable, slice_key
 from monolith_torch.embedding.hash_index import HashIndex
+from monolith_torch.embedding.row_growth import RowGrowth, copied
 
 __all__ = ["EmbeddingTable"]
 
@@ -52,15 +58,6 @@ class _Slice:
     learning_rate_fn: object
     rule: optimizers.SliceOptimizer
     state_fields: Mapping[str, str]  # state name -> table_state field
-
-
-def _grow(t: torch.Tensor, rows: int) -> torch.Tensor:
-    if t.shape[0] >= rows:
-        return t
-    cap = max(rows, 2 * t.shape[0], 16)
-    out = t.new_zeros((cap,) + tuple(t.shape[1:]))
-    out[: t.shape[0]] = t
-    return out
 
 
 class EmbeddingTable(FeatureEmbTable):
@@ -123,6 +120,8 @@ class EmbeddingTable(FeatureEmbTable):
         self._current: dict[str, tuple[torch.Tensor, Mapping[str, torch.Tensor]]] = {}
         # Bumped whenever rows move (eviction, restore), so cached rows go stale.
         self.generation = 0
+        # Grows the row and candidate tensors (row_growth: 1/16 steps, memory maps on Linux).
+        self._growth = RowGrowth(self._device)
         # Change tracking (track_changes): a mark per row, and the ids removed since take_changes.
         self._touched: torch.Tensor | None = None
         self._removed: list[torch.Tensor] = []
@@ -229,7 +228,7 @@ class EmbeddingTable(FeatureEmbTable):
             return rows
         cand = ids[miss]
         crow, _ = self._cand_index.insert(cand)
-        self._cands = {k: _grow(t, self._cand_index.num_rows) for k, t in self._cands.items()}
+        self._growth.grow(self._cands, self._cand_index.num_rows)
         counts = self._cands[ts.CAND_COUNTS]
         seen_now = torch.ones_like(crow) if occurrences is None else occurrences[miss]
         counts.index_add_(0, crow, seen_now)
@@ -286,7 +285,9 @@ class EmbeddingTable(FeatureEmbTable):
 
         For compiled kernels that update rows in place (the fused path). C is
         the capacity (>= ``num_rows``); a growth, eviction or restore replaces
-        them, so fetch them again after each lookup.
+        them, so fetch them again after each lookup (and drop them: a growth
+        extends a table's memory maps in place only while nothing else holds
+        its row tensors, and copies otherwise).
         """
         return dict(self._rows)
 
@@ -304,7 +305,8 @@ class EmbeddingTable(FeatureEmbTable):
             return
         total = self._index.num_rows
         start = total - n_new
-        rows = self._rows = {k: _grow(t, total) for k, t in self._rows.items()}
+        cap = self._growth.grow(self._rows, total)
+        rows = self._rows
         for sl in self._slices:
             cols = torch.arange(sl.start, sl.end, device=self._device)
             initializers.write_initial_values(
@@ -316,7 +318,8 @@ class EmbeddingTable(FeatureEmbTable):
         rows[ts.TIMES][start:total] = now
         rows[ts.COUNTS][start:total] = 0
         if self._touched is not None:
-            self._touched = _grow(self._touched, rows[ts.VALUES].shape[0])
+            if self._touched.shape[0] < cap:
+                self._touched = copied(self._touched, cap)
             self._touched[start:total] = True
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
