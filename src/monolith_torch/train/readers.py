@@ -66,6 +66,8 @@ _INT64_MAX = np.iinfo(np.int64).max
 _MAX_HEX = 16
 # A typed zero: comparing with a Python 0 makes pyarrow probe for dateutil on every call (0.15 ms a column).
 _ZERO = pa.scalar(0, pa.int32())
+# Blocks of at most this many rows parse their columns of one kind together (``_by_group``).
+_JOIN_ROWS = 512
 
 _HEX_TABLE = np.full(256, 255, dtype=np.uint8)
 for _i, _c in enumerate(b"0123456789abcdef"):
@@ -211,8 +213,23 @@ def _label_values(arr: pa.Array) -> np.ndarray:
 
 def _dense_values(arr: pa.Array, spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray]:
     """A dense column -> (float64 values after fill and transform, valid)."""
+    return _dense_finish(*_dense_raw(arr, spec.dtype), spec)
+
+
+def _dense_finish(x: np.ndarray, present: np.ndarray, valid: np.ndarray, spec: FeatureSpec):
+    """Parsed dense values -> (float64 values after the spec's fill and transform, valid)."""
+    x = np.where(present & valid, x, spec.fill)
+    if spec.transform == "log1p":
+        x = np.log1p(np.maximum(x, 0))
+    elif spec.transform == "standardize":
+        x = (x - spec.mean) / spec.std
+    return x, valid
+
+
+def _dense_raw(arr: pa.Array, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A dense column of ``dtype`` ("int" or "float") -> (float64 values, present, valid), before fill."""
     t = arr.type
-    if spec.dtype == "int":
+    if dtype == "int":
         if _is_number(t):
             ints, present, valid = _numbers_as_int64(arr, wrap_uint64=False)
         elif pa.types.is_decimal(t) or _is_text(t):
@@ -229,12 +246,36 @@ def _dense_values(arr: pa.Array, spec: FeatureSpec) -> tuple[np.ndarray, np.ndar
         valid &= np.isfinite(x)
     else:
         x, present, valid = np.zeros(len(arr)), _np(arr.is_valid()), _np(arr.is_null())
-    x = np.where(present & valid, x, spec.fill)
-    if spec.transform == "log1p":
-        x = np.log1p(np.maximum(x, 0))
-    elif spec.transform == "standardize":
-        x = (x - spec.mean) / spec.std
-    return x, valid
+    return x, present, valid
+
+
+def _by_group(arrays: dict[str, pa.Array], parse, join: bool) -> dict[str, tuple]:
+    """``parse`` of each array; with ``join``, once per group of arrays of one type (concatenated), split back.
+
+    Parsing is elementwise, so the result is the same as one call per array.
+    Joined, a block of many id or dense columns costs a few Arrow kernel calls,
+    not a few per column: faster for small blocks (request rows), where the
+    calls' fixed cost dominates, and slower for large ones (the copy).
+    """
+    out: dict[str, tuple] = {}
+    groups: dict[pa.DataType, list[str]] = {}
+    for name, arr in arrays.items():
+        groups.setdefault(arr.type, []).append(name)
+    for names in groups.values():
+        joined = None
+        if join and len(names) > 1:
+            try:
+                joined = pa.concat_arrays([arrays[n] for n in names])
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # offsets overflow: one by one
+                joined = None
+        if joined is None:
+            out.update({n: parse(arrays[n]) for n in names})
+            continue
+        parts = parse(joined)
+        n_rows = len(arrays[names[0]])
+        for k, name in enumerate(names):
+            out[name] = tuple(p[k * n_rows:(k + 1) * n_rows] for p in parts)
+    return out
 
 
 def _id_values(arr: pa.Array, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -362,9 +403,20 @@ def _parse_rows(table, schema: Schema) -> tuple[_Parsed, np.ndarray, list[str], 
     labels = _label_values(column(label_spec.columns[0]))
     mark(labels < 0, label_spec, label_spec.columns[0])
     dense = np.zeros((n, len(schema.dense)), dtype=np.float32)
+    join = n <= _JOIN_ROWS
+    raw: dict[tuple[str, str], tuple] = {}
+    for dtype in ("int", "float"):
+        cols = {s.columns[0]: column(s.columns[0]) for s in schema.dense if s.dtype == dtype}
+        raw.update({(c, dtype): r for c, r in _by_group(cols, lambda a, d=dtype: _dense_raw(a, d), join).items()})
     for j, spec in enumerate(schema.dense):
-        dense[:, j], valid = _dense_values(column(spec.columns[0]), spec)
+        dense[:, j], valid = _dense_finish(*raw[(spec.columns[0], spec.dtype)], spec)
         mark(~valid, spec, spec.columns[0])
+    # The id columns of categorical and multi-column features, parsed a group of columns at a time.
+    for dtype in ("hex", "int", "string"):
+        cols = {c: column(c) for s in schema.embedded if s.dtype == dtype and (s.kind == "categorical"
+                                                                             or len(s.columns) > 1)
+                for c in s.columns}
+        ids_cache.update({(c, dtype): r for c, r in _by_group(cols, lambda a, d=dtype: _id_values(a, d), join).items()})
     timestamps = None
     if schema.timestamp is not None:
         timestamps, valid = _timestamp_values(column(schema.timestamp.columns[0]))
