@@ -72,6 +72,7 @@ __all__ = [
     "TableRows",
     "begin_publication",
     "finish_publication",
+    "folder_key",
     "list_publications",
     "newest_run_id",
     "prune_publications",
@@ -136,6 +137,18 @@ def list_publications(export_dir: str) -> list[tuple[int, str, str]]:
         if m:
             out.append((int(m["seq"]), m["kind"], os.path.join(export_dir, name)))
     return sorted(out)
+
+
+def folder_key(seq: int, path: str) -> tuple[int, int, int]:
+    """Names one publication folder: seq, inode and change time (an inode alone is reused after a removal).
+
+    For remembering a refused publication: a folder replaced later gets another key.
+    """
+    try:
+        st = os.stat(path)
+        return seq, st.st_ino, st.st_ctime_ns
+    except OSError:
+        return seq, -1, -1
 
 
 def newest_run_id(export_dir: str) -> str | None:

@@ -25,7 +25,13 @@ from collections.abc import Mapping
 
 import torch
 
-from monolith_torch.sync.format import Publication, SyncError, list_publications, read_publication
+from monolith_torch.sync.format import (
+    Publication,
+    SyncError,
+    folder_key,
+    list_publications,
+    read_publication,
+)
 
 __all__ = ["Replica", "apply_publication", "check_publication"]
 
@@ -65,15 +71,6 @@ def apply_publication(pub: Publication, tables: Mapping, model: torch.nn.Module)
         model.load_state_dict({k: torch.from_numpy(v) for k, v in pub.dense.items()})
 
 
-def _key(pub: tuple[int, str, str]) -> tuple[int, int, int]:
-    """Names one folder: its seq, inode and change time (an inode alone is reused after a removal)."""
-    try:
-        st = os.stat(pub[2])
-        return pub[0], st.st_ino, st.st_ctime_ns
-    except OSError:
-        return pub[0], -1, -1
-
-
 class Replica:
     """Tables and a model kept at the newest version an export folder offers.
 
@@ -99,7 +96,7 @@ class Replica:
 
     def _next(self, pubs: list[tuple[int, str, str]]) -> tuple[int, str, str] | None:
         """The publication to apply next: the next seq, else the newest full snapshot ahead (a jump)."""
-        ahead = [p for p in pubs if (self.seq is None or p[0] > self.seq) and _key(p) not in self._refused]
+        ahead = [p for p in pubs if (self.seq is None or p[0] > self.seq) and folder_key(p[0], p[2]) not in self._refused]
         fulls = [p for p in ahead if p[1] == "full"]
         if self.seq is None:
             return fulls[-1] if fulls else None
@@ -131,7 +128,7 @@ class Replica:
             applied += 1
 
     def _refuse(self, pub: tuple[int, str, str], why: str) -> None:
-        self._refused.add(_key(pub))
+        self._refused.add(folder_key(pub[0], pub[2]))
         self.refused += 1
         self.last_error = why
         logger.warning("refused publication %d: %s", pub[0], why)
