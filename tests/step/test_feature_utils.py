@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import make_embedding_setup
+from embedding_setup import make_embedding_setup
 from monolith_torch import (
     AsyncFunctionMgr,
     EmbeddingLayoutFactory,
