@@ -16,6 +16,7 @@ import math
 import os
 import threading
 
+from monolith_torch.core.watch import watch_folders
 from monolith_torch.serve.model import ServedModel
 
 __all__ = ["Watcher"]
@@ -90,27 +91,8 @@ class Watcher:
         """Starts the watchdog observer once the folder exists (polling alone works without it)."""
         if self._observer is not None or not os.path.isdir(self.served.export_dir):
             return
-        try:
-            from watchdog.events import FileSystemEventHandler
-            from watchdog.observers import Observer
-        except ImportError:
-            return
-        wake = self._wake
-
-        class _Wake(FileSystemEventHandler):
-            def on_any_event(self, event):
-                wake.set()
-
-        observer = Observer()
-        try:
-            observer.schedule(_Wake(), self.served.export_dir, recursive=False)
-            observer.daemon = True
-            observer.start()
-        except OSError as e:  # e.g. out of inotify watches: polling still works
-            logger.warning("cannot watch %s for changes (%s); polling every %.1f s", self.served.export_dir, e,
-                           self.poll_s)
-            observer = _NoObserver()
-        self._observer = observer
+        observer = watch_folders([self.served.export_dir], self._wake)
+        self._observer = observer if observer is not None else _NoObserver()
 
 
 class _NoObserver:

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
+from monolith_torch.core.watch import watch_folders
 from monolith_torch.train.config import ConfigError
 
 __all__ = ["FileStream", "RunClock", "StreamPosition", "check_follow_patterns"]
@@ -128,23 +129,7 @@ class FileStream:
         return sorted(found - self.position.done)
 
     def _start_watching(self) -> None:
-        try:
-            from watchdog.events import FileSystemEventHandler
-            from watchdog.observers import Observer
-        except ImportError:  # polling alone still works
-            return
-        changed = self._changed
-
-        class _Wake(FileSystemEventHandler):
-            def on_any_event(self, event):
-                changed.set()
-
-        observer = Observer()
-        for folder in {_watch_folder(p) for p in self.patterns}:
-            observer.schedule(_Wake(), folder, recursive=False)
-        observer.daemon = True
-        observer.start()
-        self._observer = observer
+        self._observer = watch_folders({_watch_folder(p) for p in self.patterns}, self._changed)
 
     def close(self) -> None:
         if self._observer is not None:
