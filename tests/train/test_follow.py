@@ -168,3 +168,27 @@ def test_follow_weighs_a_short_batch_by_its_rows(tmp_path):
     assert len(batch) == 100
     for name, plain in deltas[False].items():
         torch.testing.assert_close(deltas[True][name], plain * (100 / 256), rtol=1e-4, atol=1e-7)
+
+
+def test_data_clock_drives_expiry_in_a_follow_run(tmp_path):
+    """--clock data: rows expire by the data's timestamps (1-day expire_time), as the live run would have."""
+    data = tmp_path / "in"
+    data.mkdir()
+    day = 86400
+    # Day 0: users 1..4; day 3: users 5..8 only. User rows of day 0 are then 3 days old.
+    for i, (t0, users) in enumerate(((1_000 * day, range(1, 5)), (1_003 * day, range(5, 9)))):
+        lines = ["label,ts,user"] + [f"{u % 2},{t0 + u},{u}" for u in users for _ in range(8)]
+        (data / f".part-{i}.csv").write_text("\n".join(lines) + "\n")
+        os.rename(data / f".part-{i}.csv", data / f"part-{i}.csv")
+    features = ({"name": "label", "kind": "label"}, {"name": "ts", "kind": "timestamp"},
+                {"name": "user", "kind": "categorical", "dtype": "int", "dim": 4, "expire_time": 1})
+    cfg = TrainConfig(run_dir=str(tmp_path / "run"), data=(str(data),), follow=True, follow_idle_exit=0.5,
+                      follow_poll_s=0.1, clock="data", features=features, model="wide_deep", hidden=(8,),
+                      batch_size=16)
+    trainer = Trainer(cfg, show_progress=False)
+    trainer.train()  # the final checkpoint evicts rows older than expire_time on the data clock
+    table = trainer.factory.tables["user"]
+    ids, _ = table.serving_rows()
+    assert sorted(ids.tolist()) == [5, 6, 7, 8]
+    assert trainer.clock() == 1_003 * day + 8
+    assert int(table.state_dict()["times"].max()) == 1_003 * day + 8
