@@ -57,7 +57,7 @@ logger = logging.getLogger("monolith_torch.sync.exporter")
 
 
 class ExportError(ValueError):
-    """An export folder that cannot be used (another run's publications, sharded tables)."""
+    """An export folder that cannot be used (a file or a link, or another run's publications)."""
 
 
 def _check_interval(name: str, value) -> float:
