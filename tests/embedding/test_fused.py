@@ -201,7 +201,9 @@ def test_fused_equals_unfused_on_random_ragged_batches(vec_opt, batches, thresho
         for k in of:
             torch.testing.assert_close(of[k], ou[k], rtol=2e-6, atol=1e-7)
     for name in fa.tables:
-        _assert_tables_equal(fa.tables[name], ua.tables[name], exact=False)
+        # The paths sum a row's duplicate gradients in different orders; FTRL's z (g - sigma * w) and
+        # Adam's moments carry that float32 rounding on, up to a few ULPs of values near 1.
+        _assert_tables_equal(fa.tables[name], ua.tables[name], exact=False, atol=1e-6)
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
