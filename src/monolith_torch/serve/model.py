@@ -23,7 +23,7 @@ from monolith_torch.sync.replica import Replica
 from monolith_torch.train.build import build_run_model
 from monolith_torch.train.config import ConfigError, TrainConfig
 from monolith_torch.train.readers import batch_from_records
-from monolith_torch.train.run_dir import MODEL_SETTINGS
+from monolith_torch.train.run_dir import model_settings_from_json
 from monolith_torch.train.schema import Schema
 
 __all__ = ["ServedModel", "config_from_settings"]
@@ -39,10 +39,7 @@ def config_from_settings(settings) -> TrainConfig:
     """
     if not isinstance(settings, dict):
         raise ConfigError(f"Invalid model_settings: {settings!r} (expected a table of settings)")
-    known = {k: v for k, v in settings.items() if k in MODEL_SETTINGS}
-    for key in ("hidden", "features"):
-        if isinstance(known.get(key), list):
-            known[key] = tuple(known[key])  # JSON gives lists; the config holds tuples
+    known = model_settings_from_json(settings)
     try:
         return dataclasses.replace(TrainConfig(), **known)
     except TypeError as e:

@@ -51,7 +51,7 @@ from monolith_torch.sync.format import (
     write_parts,
 )
 
-__all__ = ["DeltaExporter", "ExportError"]
+__all__ = ["DeltaExporter", "ExportError", "check_export_dir"]
 
 logger = logging.getLogger("monolith_torch.sync.exporter")
 
@@ -64,6 +64,20 @@ def _check_interval(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
         raise ValueError(f"Invalid {name}: {value!r} (expected a finite number of seconds >= 0)")
     return float(value)
+
+
+def check_export_dir(export_dir: str, run_id: str | None) -> None:
+    """Raises ``ExportError`` if run ``run_id`` cannot publish into ``export_dir``; changes nothing.
+
+    Unusable: a file or a link, or a folder holding another run's publications
+    (``run_id`` None: a run without an id yet, for which any publication is another run's).
+    """
+    if os.path.lexists(export_dir) and (os.path.islink(export_dir) or not os.path.isdir(export_dir)):
+        raise ExportError(f"Invalid export_dir: {export_dir!r} (a file or a link, not a folder)")
+    other = newest_run_id(export_dir)
+    if other is not None and other != run_id:
+        raise ExportError(f"Invalid export_dir: {export_dir!r} holds the publications of another run "
+                          f"({other!r}); use an empty folder")
 
 
 class DeltaExporter:
@@ -112,13 +126,8 @@ class DeltaExporter:
         self.world = dist.get_world_size(self.group) if self.group is not None else 1
 
     def check(self) -> None:
-        """Raises ``ExportError`` if ``export_dir`` is unusable (a file, or another run's publications)."""
-        if os.path.lexists(self.export_dir) and (os.path.islink(self.export_dir) or not os.path.isdir(self.export_dir)):
-            raise ExportError(f"Invalid export_dir: {self.export_dir!r} (a file or a link, not a folder)")
-        other = newest_run_id(self.export_dir)
-        if other is not None and other != self.run_id:
-            raise ExportError(f"Invalid export_dir: {self.export_dir!r} holds the publications of another run "
-                              f"({other!r}); use an empty folder")
+        """Raises ``ExportError`` if ``export_dir`` is unusable (see ``check_export_dir``)."""
+        check_export_dir(self.export_dir, self.run_id)
 
     def _rank0_then_share(self, fn: Callable[[], object]) -> object:
         """Runs ``fn`` on rank 0 and hands its result (or error) to every rank; raises that error everywhere."""

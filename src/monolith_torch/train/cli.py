@@ -25,7 +25,7 @@ from dataclasses import fields
 
 from monolith_torch.checkpoint import CheckpointError
 from monolith_torch.core.fileio import append_file, check_target, printable
-from monolith_torch.sync.format import newest_run_id
+from monolith_torch.sync.exporter import ExportError, check_export_dir
 from monolith_torch.train.config import HELP, ConfigError, TrainConfig, load_config
 from monolith_torch.train.data import DataError, expand_paths
 from monolith_torch.train.follow import check_follow_patterns
@@ -226,12 +226,10 @@ def _validate(command: str, cfg: TrainConfig) -> None:
     elif cfg.data:
         expand_paths(cfg.data)
     if cfg.export_dir and command == "train":
-        if os.path.islink(cfg.export_dir) or os.path.exists(cfg.export_dir) and not os.path.isdir(cfg.export_dir):
-            raise ConfigError(f"Invalid export_dir: {cfg.export_dir!r} (a file or a link, not a folder)")
-        other = newest_run_id(cfg.export_dir)
-        if other is not None and other != run_id(RunPaths(cfg.run_dir), create=False):
-            raise ConfigError(f"Invalid export_dir: {cfg.export_dir!r} holds the publications of another run "
-                              f"({other!r}); use an empty folder")
+        try:
+            check_export_dir(cfg.export_dir, run_id(RunPaths(cfg.run_dir), create=False))
+        except ExportError as e:
+            raise ConfigError(str(e)) from None
     if cfg.init_from and not os.path.isfile(cfg.init_from):
         raise ConfigError(f"Invalid init_from: {cfg.init_from!r} (no such checkpoint file)")
     if cfg.eval_data:
@@ -273,9 +271,6 @@ def _with_saved_model_settings(command: str, cfg: TrainConfig) -> TrainConfig:
     if command == "train":
         return cfg
     saved = saved_model_settings(RunPaths(cfg.run_dir))
-    for key in ("hidden", "features"):
-        if isinstance(saved.get(key), list):
-            saved[key] = tuple(saved[key])
     changed = {k: v for k, v in saved.items() if getattr(cfg, k) != v}
     if not changed:
         return cfg

@@ -35,6 +35,7 @@ __all__ = [
     "check_run_dir",
     "first_restorable",
     "model_settings",
+    "model_settings_from_json",
     "remove_orphan_temps",
     "run_id",
     "saved_model_settings",
@@ -268,7 +269,19 @@ def saved_model_settings(paths: RunPaths) -> dict:
             raise TypeError("model_settings is not a table")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"Invalid run settings {paths.settings!r}: {e}") from None
-    return {k: v for k, v in settings.items() if k in MODEL_SETTINGS}
+    return model_settings_from_json(settings)
+
+
+def model_settings_from_json(settings: dict) -> dict:
+    """Saved model settings (``run.json``, a full snapshot's manifest) as ``TrainConfig`` values.
+
+    Keeps the ``MODEL_SETTINGS`` keys; JSON's lists become the tuples the config holds.
+    """
+    out = {k: v for k, v in settings.items() if k in MODEL_SETTINGS}
+    for key in ("hidden", "features"):
+        if isinstance(out.get(key), list):
+            out[key] = tuple(out[key])
+    return out
 
 
 def first_restorable(candidates: Iterable[str], restore: Callable[[str], object]) -> str:
