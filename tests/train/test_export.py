@@ -19,7 +19,7 @@ from monolith_torch.train.build import build_run_model
 from monolith_torch.train.cli import main
 from monolith_torch.train.config import TrainConfig
 from monolith_torch.train.data import generate_criteo
-from monolith_torch.train.run_dir import RunPaths
+from monolith_torch.train.run_dir import RunPaths, model_settings_from_json
 
 SMALL = ["--generated-train-rows", "6000", "--generated-eval-rows", "1000", "--batch-size", "500", "--hidden", "16"]
 
@@ -35,9 +35,7 @@ def _serving_state(factory) -> dict:
 
 def _replay(export: str):
     full = [p for _, kind, p in list_publications(export) if kind == "full"][-1]
-    settings = read_publication(full).model_settings
-    for key in ("hidden", "features"):
-        settings[key] = tuple(settings[key])
+    settings = model_settings_from_json(read_publication(full).model_settings)
     built = build_run_model(dataclasses.replace(TrainConfig(), **settings))
     replica = Replica(built.factory.tables, built.model)
     replica.poll(export)
