@@ -49,6 +49,7 @@ from monolith_torch.sync.format import (
     prune_publications,
     remove_temp_publications,
     write_parts,
+    write_publication,
 )
 
 __all__ = ["DeltaExporter", "ExportError", "check_export_dir"]
@@ -220,7 +221,7 @@ class DeltaExporter:
         meta = (self.seq, kind, self.run_id)
         tail = (params, int(global_step), now, time.time(), self.model_settings if full else None)
         if self.group is None:
-            self._pending = self._pool.submit(self._write, full, meta, [tables], [rows], tail)
+            self._pending = self._pool.submit(self._write, full, meta, tables, rows, tail)
             return
         # Sharded: each rank writes its parts into rank 0's folder, rank 0 the manifest.
         folder = self._rank0_then_share(lambda: begin_publication(self.export_dir, self.seq, kind))
@@ -239,18 +240,14 @@ class DeltaExporter:
             self._pending = self._pool.submit(self._finish, full, meta, folder, [m[0] for m in everyone],
                                               [m[1] for m in everyone], tail)
 
-    def _write(self, full: bool, meta: tuple, tables: list, rows: list, tail: tuple) -> None:
-        folder = begin_publication(self.export_dir, meta[0], meta[1])
-        try:
-            parts = [write_parts(folder, meta[1], tables[0])]
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
-        self._finish(full, meta, folder, parts, rows, tail)
+    def _write(self, full: bool, meta: tuple, tables: dict, rows: dict, tail: tuple) -> None:
+        self._published(full, write_publication(self.export_dir, *meta, tables, rows, *tail))
 
     def _finish(self, full: bool, meta: tuple, folder: str, parts: list, rows: list, tail: tuple) -> None:
         totals = {name: sum(r[name] for r in rows) for name in rows[0]}
-        path = finish_publication(self.export_dir, folder, *meta, parts, totals, *tail)
+        self._published(full, finish_publication(self.export_dir, folder, *meta, parts, totals, *tail))
+
+    def _published(self, full: bool, path: str) -> None:
         self.published += 1
         logger.debug("published %s", path)
         if full:
